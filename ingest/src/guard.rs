@@ -1,0 +1,110 @@
+//! The replay guard: one device's readings are stored once, in rising `seq` order.
+//!
+//! Invariants:
+//! - Each device belongs to exactly one verifier shard, and only that shard's thread touches
+//!   the device's state, so no lock is needed and checks happen in arrival order.
+//! - `highest_seq` is the highest seq accepted for storage; `recent` holds the signature
+//!   digests of the last [`vigil_store::RECENT_DIGESTS`] accepted readings.
+//! - The state is rebuilt on start from the store's durable copy (snapshot plus write-ahead
+//!   log), which is updated by the writer in the same order, so after a restart an exact re-send
+//!   is still recognised and a replay still refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use vigil_store::{RECENT_DIGESTS, SeqState};
+
+/// The guard's verdict on one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// Above the highest seq: store it. `gap` counts skipped seqs.
+    New { gap: u64 },
+    /// Same seq and signature as a stored reading: acknowledge again, store nothing.
+    Resend,
+    /// Not above the highest seq and not an exact re-send.
+    Replay,
+    /// Further above the highest seq than the configured bound.
+    JumpTooFar,
+}
+
+/// Per-device sequence state of one verifier shard.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    devices: HashMap<Arc<str>, SeqState>,
+    max_seq_jump: u64,
+}
+
+impl ReplayGuard {
+    pub fn new(max_seq_jump: u64) -> Self {
+        Self { devices: HashMap::new(), max_seq_jump }
+    }
+
+    /// Restores one device's state from the store.
+    pub fn restore(&mut self, device_id: Arc<str>, state: SeqState) {
+        self.devices.insert(device_id, state);
+    }
+
+    /// Classifies a reading and, when it is new, records it as accepted.
+    pub fn check(&mut self, device_id: &Arc<str>, seq: u64, digest: [u8; 16]) -> SeqCheck {
+        let state = match self.devices.get_mut(device_id) {
+            Some(state) => state,
+            None => self.devices.entry(device_id.clone()).or_insert_with(|| SeqState {
+                highest_seq: 0,
+                recent: VecDeque::new(),
+            }),
+        };
+
+        if seq <= state.highest_seq {
+            let resend = state.recent.iter().any(|&(s, d)| s == seq && d == digest);
+            return if resend { SeqCheck::Resend } else { SeqCheck::Replay };
+        }
+        if seq - state.highest_seq > self.max_seq_jump {
+            return SeqCheck::JumpTooFar;
+        }
+
+        let gap = seq - state.highest_seq - 1;
+        state.highest_seq = seq;
+        if state.recent.len() == RECENT_DIGESTS {
+            state.recent.pop_front();
+        }
+        state.recent.push_back((seq, digest));
+        SeqCheck::New { gap }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_resend_replay_and_jump() {
+        let mut guard = ReplayGuard::new(1000);
+        let id: Arc<str> = Arc::from("d");
+        assert_eq!(guard.check(&id, 1, [1; 16]), SeqCheck::New { gap: 0 });
+        assert_eq!(guard.check(&id, 4, [4; 16]), SeqCheck::New { gap: 2 });
+        assert_eq!(guard.check(&id, 4, [4; 16]), SeqCheck::Resend);
+        assert_eq!(guard.check(&id, 1, [1; 16]), SeqCheck::Resend);
+        assert_eq!(guard.check(&id, 4, [9; 16]), SeqCheck::Replay);
+        assert_eq!(guard.check(&id, 2, [2; 16]), SeqCheck::Replay, "a gap is not refillable");
+        assert_eq!(guard.check(&id, 1005, [5; 16]), SeqCheck::JumpTooFar);
+        assert_eq!(guard.check(&id, 1004, [5; 16]), SeqCheck::New { gap: 999 });
+    }
+
+    #[test]
+    fn first_seq_must_be_within_the_jump_bound() {
+        let mut guard = ReplayGuard::new(10);
+        let id: Arc<str> = Arc::from("d");
+        assert_eq!(guard.check(&id, u64::MAX, [1; 16]), SeqCheck::JumpTooFar);
+        assert_eq!(guard.check(&id, 10, [1; 16]), SeqCheck::New { gap: 9 });
+    }
+
+    #[test]
+    fn restored_state_recognises_resends() {
+        let mut guard = ReplayGuard::new(10);
+        let id: Arc<str> = Arc::from("d");
+        let recent = VecDeque::from([(7, [7; 16])]);
+        guard.restore(id.clone(), SeqState { highest_seq: 7, recent });
+        assert_eq!(guard.check(&id, 7, [7; 16]), SeqCheck::Resend);
+        assert_eq!(guard.check(&id, 6, [6; 16]), SeqCheck::Replay);
+    }
+}

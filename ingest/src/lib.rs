@@ -1,0 +1,272 @@
+//! The device-facing half of vigil: the MQTT gateway, the device registry and login tokens,
+//! the topic ACL, batch signature verification, the replay guard and the cut-off of devices.
+//!
+//! In: MQTT connections from devices. Out: verified readings and refusal records, handed to
+//! the store's write-ahead log; a PUBACK goes back to the device once the log has them.
+
+pub mod gateway;
+pub mod guard;
+pub mod login;
+pub mod metrics;
+pub mod nonces;
+pub mod payload;
+pub mod reasons;
+pub mod recorder;
+pub mod registry;
+pub mod sessions;
+pub mod verifier;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use vigil_store::{RecoveredState, WalSender};
+
+use crate::gateway::{GatewayContext, GatewaySettings};
+use crate::login::LoginChecker;
+use crate::metrics::IngestMetrics;
+use crate::nonces::NonceCache;
+use crate::recorder::RejectionRecorder;
+use crate::registry::{DeviceEntry, DeviceRegistry, DeviceStatus};
+use crate::sessions::{CloseOrder, SessionTable};
+use crate::verifier::{VerifierPool, VerifierSettings};
+
+/// Errors of the ingest side; each names what an operator needs to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("device {device_id} cannot be enrolled: {reason}")]
+    InvalidEnrollment { device_id: String, reason: String },
+    #[error("cannot start the {name} thread: {source}")]
+    Thread { name: &'static str, source: std::io::Error },
+    #[error("cannot listen for MQTT on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error(
+        "MQTT listener {address} is not loopback and no TLS certificate is configured; \
+         set `allow_plaintext = true` to accept plaintext logins from the network"
+    )]
+    PlaintextRefused { address: SocketAddr },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Config { setting: &'static str, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the MQTT gateway and the verifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Address of the MQTT listener (v3.1.1 and v5 on one port).
+    pub mqtt_listen: SocketAddr,
+    /// Accept plaintext MQTT on a non-loopback address. Off by default: login tokens and
+    /// readings would cross the network in the clear.
+    pub allow_plaintext: bool,
+    /// Largest accepted reading payload, in bytes; larger ones are refused as `oversized`.
+    pub max_payload_bytes: usize,
+    /// Seconds a new connection has to send its CONNECT before it is dropped.
+    pub connect_timeout_s: u16,
+    /// Longest keep-alive granted to a device, in seconds.
+    pub max_keep_alive_s: u16,
+    /// Unacknowledged QoS 1 publishes allowed per connection (the MQTT receive maximum).
+    pub max_inflight_per_device: u16,
+    /// Longest lifetime a login token may claim, in seconds from now.
+    pub max_token_lifetime_s: u64,
+    /// Largest allowed distance between a reading's sampling time and the server clock, in ms.
+    pub max_clock_skew_ms: i64,
+    /// Largest allowed jump of `seq` above the highest stored one.
+    pub max_seq_jump: u64,
+    /// Verifier threads; 0 means one per CPU core.
+    pub verifier_threads: usize,
+    /// Most signatures verified in one batch.
+    pub verifier_max_batch: usize,
+    /// Readings queued per verifier thread before devices are slowed down.
+    pub verifier_queue_capacity: usize,
+    /// MQTT worker threads; 0 means one per CPU core.
+    pub mqtt_workers: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            allow_plaintext: false,
+            max_payload_bytes: 4096,
+            connect_timeout_s: 5,
+            max_keep_alive_s: 300,
+            max_inflight_per_device: 32,
+            max_token_lifetime_s: 900,
+            max_clock_skew_ms: 300_000,
+            max_seq_jump: 1_000_000,
+            verifier_threads: 0,
+            verifier_max_batch: 512,
+            verifier_queue_capacity: 8192,
+            mqtt_workers: 0,
+        }
+    }
+}
+
+/// The running ingest side.
+#[derive(Debug)]
+pub struct Ingest {
+    pub registry: Arc<DeviceRegistry>,
+    pub sessions: Arc<SessionTable>,
+    pub metrics: Arc<IngestMetrics>,
+    mqtt_address: SocketAddr,
+    /// The ntex server handle is not `Sync`; the lock makes `Ingest` shareable.
+    mqtt_server: parking_lot::Mutex<ntex::server::Server>,
+}
+
+impl Ingest {
+    /// Opens the registry and nonce cache under `data_dir`, starts the verifier threads with
+    /// the recovered replay-guard state, and starts the MQTT listener.
+    pub fn start(
+        config: &IngestConfig,
+        data_dir: &Path,
+        recovered: RecoveredState,
+        wal: WalSender,
+    ) -> Result<Self> {
+        let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let metrics = Arc::new(IngestMetrics::new());
+        let registry = Arc::new(DeviceRegistry::open(data_dir)?);
+        let nonces = NonceCache::open(data_dir, now_unix_s())?;
+        let sessions = Arc::new(SessionTable::default());
+
+        let verifier = VerifierPool::start(
+            &VerifierSettings {
+                threads: if config.verifier_threads == 0 { cores } else { config.verifier_threads },
+                max_batch: config.verifier_max_batch,
+                queue_capacity: config.verifier_queue_capacity,
+                max_seq_jump: config.max_seq_jump,
+            },
+            recovered,
+            wal.clone(),
+            metrics.clone(),
+        )?;
+        let recorder = RejectionRecorder::start(wal, 16_384, metrics.clone())?;
+
+        let settings = GatewaySettings {
+            max_payload_bytes: config.max_payload_bytes,
+            connect_timeout_s: config.connect_timeout_s.max(1),
+            max_keep_alive_s: config.max_keep_alive_s.max(1),
+            max_inflight_per_device: config.max_inflight_per_device.max(1),
+            max_clock_skew_ms: config.max_clock_skew_ms,
+        };
+        let context = Arc::new(GatewayContext {
+            settings,
+            logins: LoginChecker::new(registry.clone(), nonces, config.max_token_lifetime_s),
+            verifier,
+            sessions: sessions.clone(),
+            recorder,
+            metrics: metrics.clone(),
+        });
+
+        if !config.mqtt_listen.ip().is_loopback() && !config.allow_plaintext {
+            return Err(Error::PlaintextRefused { address: config.mqtt_listen });
+        }
+        let listener = TcpListener::bind(config.mqtt_listen)
+            .map_err(|source| Error::Listen { address: config.mqtt_listen, source })?;
+        let mqtt_address = listener
+            .local_addr()
+            .map_err(|source| Error::Listen { address: config.mqtt_listen, source })?;
+        let workers = if config.mqtt_workers == 0 { cores } else { config.mqtt_workers };
+        let mqtt_server = start_mqtt(listener, workers, context)?;
+        tracing::info!(address = %mqtt_address, workers, "mqtt listener started");
+
+        let mqtt_server = parking_lot::Mutex::new(mqtt_server);
+        Ok(Self { registry, sessions, metrics, mqtt_address, mqtt_server })
+    }
+
+    /// The address the MQTT listener is bound to.
+    pub fn mqtt_address(&self) -> SocketAddr {
+        self.mqtt_address
+    }
+
+    /// Quarantines a device: durable status first, then its live session is closed after a
+    /// notice. Returns `None` for an unknown device.
+    pub fn quarantine(&self, device_id: &str, reason: &str) -> Result<Option<Arc<DeviceEntry>>> {
+        let entry = self.registry.set_status(device_id, DeviceStatus::Quarantined)?;
+        if entry.is_some() {
+            let closed = self
+                .sessions
+                .close(device_id, CloseOrder::Quarantined { reason: reason.to_owned() });
+            tracing::info!(device_id, reason, session_closed = closed, "device quarantined");
+        }
+        Ok(entry)
+    }
+
+    /// Restores a device's logins.
+    pub fn release(&self, device_id: &str) -> Result<Option<Arc<DeviceEntry>>> {
+        let entry = self.registry.set_status(device_id, DeviceStatus::Active)?;
+        if entry.is_some() {
+            tracing::info!(device_id, "device released");
+        }
+        Ok(entry)
+    }
+
+    /// Stops accepting connections and closes the live ones.
+    pub async fn stop(&self) {
+        let server = self.mqtt_server.lock().clone();
+        server.stop(false).await;
+    }
+}
+
+/// Runs the ntex MQTT server on its own threads and returns its control handle.
+fn start_mqtt(
+    listener: TcpListener,
+    workers: usize,
+    context: Arc<GatewayContext>,
+) -> Result<ntex::server::Server> {
+    let (started, server) = std::sync::mpsc::channel();
+    let config = gateway::mqtt_config(&context.settings);
+
+    thread::Builder::new()
+        .name("vigil-mqtt".into())
+        .spawn(move || {
+            let system = ntex::rt::System::new("vigil-mqtt", ntex::rt::DefaultRuntime);
+            system.block_on(async move {
+                let built = ntex::server::build()
+                    .workers(workers)
+                    .disable_signals()
+                    .listen("mqtt", listener, async move |_| {
+                        gateway::mqtt_service(context.clone())
+                    })
+                    .map(|builder| builder.config("mqtt", config).run());
+                match built {
+                    Ok(server) => {
+                        // The receiver only goes away if start-up was abandoned.
+                        let _ = started.send(Ok(server.clone()));
+                        let _ = server.await;
+                    }
+                    Err(error) => {
+                        let _ = started.send(Err(error));
+                    }
+                }
+            });
+        })
+        .map_err(|source| Error::Thread { name: "mqtt", source })?;
+
+    match server.recv() {
+        Ok(Ok(server)) => Ok(server),
+        Ok(Err(source)) => Err(Error::Thread { name: "mqtt", source }),
+        Err(_) => Err(Error::Thread {
+            name: "mqtt",
+            source: std::io::Error::other("mqtt thread ended during start-up"),
+        }),
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the server's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, by the server's clock.
+pub fn now_unix_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

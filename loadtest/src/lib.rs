@@ -1,0 +1,26 @@
+//! Fleet simulator for vigil: simulated medical devices that speak the `v1` device contract.
+//!
+//! In: a fleet size and seed, and the address of an MQTT server. Out: the fleet's enrollment
+//! file (`device_id,public_key_hex,class`), and a [`FleetReport`] of a timed run in which every
+//! device logs in with a fresh login token, publishes signed readings of a simulated patient at
+//! a fixed rate with QoS 1, re-sends what was not acknowledged after a reconnect, and measures
+//! how long each PUBACK took (the server acknowledges only durable readings).
+//!
+//! - [`profiles`]: device classes and per-patient vital-sign generators.
+//! - [`fleet`]: device identities, enrollment, run settings and [`run_fleet`].
+//! - [`corpus`]: readings generated and signed ahead of the run.
+//! - [`report`]: the run's report.
+
+pub mod corpus;
+pub mod fleet;
+pub mod profiles;
+pub mod report;
+mod session;
+
+pub use corpus::{DeviceSchedule, PresignedReadings, presign_fleet};
+pub use fleet::{
+    DRAIN_TIMEOUT, FleetConfig, SimDevice, enrollment_csv, generate_fleet, plan_schedules,
+    run_fleet,
+};
+pub use profiles::{DeviceClass, Patient, plausible_range};
+pub use report::{FleetReport, LatencySummary};

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the tests need beyond crates: Debian's mosquitto-clients (mosquitto_pub), used
+# by an end-to-end test as an independent MQTT client. Does nothing when already present.
+set -euo pipefail
+
+if command -v mosquitto_pub >/dev/null 2>&1; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq mosquitto-clients >/dev/null

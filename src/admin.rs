@@ -1,0 +1,123 @@
+//! The `DeviceAdmin` gRPC service: enrollment, listing and cut-off of devices.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use vigil_ingest::Ingest;
+use vigil_ingest::registry::{DeviceEntry, Enrollment};
+use vigil_proto::v1::device_admin_server::DeviceAdmin;
+use vigil_proto::v1::{
+    AddDevicesRequest, AddDevicesResponse, Device, DeviceActionRequest, DeviceActionResponse,
+    ListDevicesRequest, ListDevicesResponse,
+};
+
+/// Most devices one enrollment request may carry.
+const MAX_DEVICES_PER_REQUEST: usize = 100_000;
+
+/// Serves device administration over the ingest side's registry.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminService {
+    ingest: Arc<Ingest>,
+}
+
+impl AdminService {
+    pub(crate) fn new(ingest: Arc<Ingest>) -> Self {
+        Self { ingest }
+    }
+}
+
+/// The gRPC view of a registry entry.
+pub(crate) fn device_message(entry: &DeviceEntry) -> Device {
+    Device {
+        device_id: entry.id.to_string(),
+        public_key_hex: entry.public_key_hex(),
+        class: entry.class.clone(),
+        status: entry.status().as_str().to_owned(),
+        enrolled_at_ms: entry.enrolled_at_ms,
+        status_changed_at_ms: entry.status_changed_at_ms(),
+        risk: 0.0,
+    }
+}
+
+fn internal(error: vigil_ingest::Error) -> Status {
+    tracing::error!(%error, "device administration failed");
+    Status::internal(error.to_string())
+}
+
+fn found(entry: Option<Arc<DeviceEntry>>, device_id: &str) -> Result<Response<DeviceActionResponse>, Status> {
+    match entry {
+        Some(entry) => Ok(Response::new(DeviceActionResponse { device: Some(device_message(&entry)) })),
+        None => Err(Status::not_found(format!("no device {}", device_id.escape_default()))),
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceAdmin for AdminService {
+    async fn add_devices(
+        &self,
+        request: Request<AddDevicesRequest>,
+    ) -> Result<Response<AddDevicesResponse>, Status> {
+        let devices = request.into_inner().devices;
+        if devices.len() > MAX_DEVICES_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_DEVICES_PER_REQUEST} devices per request"
+            )));
+        }
+        let enrollments: Vec<Enrollment> = devices
+            .into_iter()
+            .map(|device| Enrollment {
+                device_id: device.device_id,
+                public_key_hex: device.public_key_hex,
+                class: Some(device.class).filter(|class| !class.is_empty()),
+            })
+            .collect();
+
+        let registry = self.ingest.registry.clone();
+        let added = tokio::task::spawn_blocking(move || registry.enroll(&enrollments))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| match error {
+                vigil_ingest::Error::InvalidEnrollment { .. } => {
+                    Status::invalid_argument(error.to_string())
+                }
+                other => internal(other),
+            })?;
+        tracing::info!(added, "devices enrolled");
+        Ok(Response::new(AddDevicesResponse { added: added as u32 }))
+    }
+
+    async fn list_devices(
+        &self,
+        _request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let devices = self.ingest.registry.list().iter().map(|entry| device_message(entry)).collect();
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn show_device(
+        &self,
+        request: Request<DeviceActionRequest>,
+    ) -> Result<Response<DeviceActionResponse>, Status> {
+        let device_id = request.into_inner().device_id;
+        found(self.ingest.registry.get(&device_id), &device_id)
+    }
+
+    async fn quarantine_device(
+        &self,
+        request: Request<DeviceActionRequest>,
+    ) -> Result<Response<DeviceActionResponse>, Status> {
+        let request = request.into_inner();
+        let reason = if request.reason.is_empty() { "quarantined by an operator" } else { &request.reason };
+        let entry = self.ingest.quarantine(&request.device_id, reason).map_err(internal)?;
+        found(entry, &request.device_id)
+    }
+
+    async fn release_device(
+        &self,
+        request: Request<DeviceActionRequest>,
+    ) -> Result<Response<DeviceActionResponse>, Status> {
+        let device_id = request.into_inner().device_id;
+        let entry = self.ingest.release(&device_id).map_err(internal)?;
+        found(entry, &device_id)
+    }
+}

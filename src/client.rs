@@ -1,0 +1,190 @@
+//! Client commands: device administration and SQL against a running server's gRPC port.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use arrow::array::RecordBatch;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use vigil_proto::v1::device_admin_client::DeviceAdminClient;
+use vigil_proto::v1::{AddDevicesRequest, Device, DeviceActionRequest, ListDevicesRequest};
+
+/// Devices per enrollment request when importing a file.
+const IMPORT_CHUNK: usize = 5_000;
+
+type AuthInterceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+/// A connection to a server's gRPC port with a bearer token.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    channel: Channel,
+    token: String,
+}
+
+impl Client {
+    pub(crate) async fn connect(server: &str, token: String) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(server.to_owned())
+            .with_context(|| format!("invalid server URL {server}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {server}"))?;
+        Ok(Self { channel, token })
+    }
+
+    fn admin(&self) -> anyhow::Result<DeviceAdminClient<InterceptedService<Channel, AuthInterceptor>>> {
+        let header: MetadataValue<_> = format!("Bearer {}", self.token)
+            .parse()
+            .context("the token contains characters not allowed in a header")?;
+        let interceptor: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", header.clone());
+            Ok(request)
+        });
+        Ok(DeviceAdminClient::with_interceptor(self.channel.clone(), interceptor)
+            .max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// Enrolls devices; returns how many were new.
+    pub(crate) async fn add_devices(&self, devices: Vec<Device>) -> anyhow::Result<u32> {
+        let mut added = 0;
+        for chunk in devices.chunks(IMPORT_CHUNK) {
+            let request = AddDevicesRequest { devices: chunk.to_vec() };
+            added += self.admin()?.add_devices(request).await?.into_inner().added;
+        }
+        Ok(added)
+    }
+
+    pub(crate) async fn list_devices(&self) -> anyhow::Result<Vec<Device>> {
+        Ok(self.admin()?.list_devices(ListDevicesRequest {}).await?.into_inner().devices)
+    }
+
+    pub(crate) async fn device_action(&self, action: DeviceAction, device_id: &str, reason: &str) -> anyhow::Result<Device> {
+        let request = DeviceActionRequest { device_id: device_id.to_owned(), reason: reason.to_owned() };
+        let mut admin = self.admin()?;
+        let response = match action {
+            DeviceAction::Show => admin.show_device(request).await?,
+            DeviceAction::Quarantine => admin.quarantine_device(request).await?,
+            DeviceAction::Release => admin.release_device(request).await?,
+        };
+        response.into_inner().device.context("server answered without a device")
+    }
+
+    /// Runs a query over Flight SQL and collects its result.
+    pub(crate) async fn sql(&self, query: &str) -> anyhow::Result<Vec<RecordBatch>> {
+        let mut flight = FlightSqlServiceClient::new(self.channel.clone());
+        flight.set_token(self.token.clone());
+        let info = flight.execute(query.to_owned(), None).await?;
+
+        let mut batches = Vec::new();
+        for endpoint in info.endpoint {
+            let ticket = endpoint.ticket.context("flight endpoint without a ticket")?;
+            let stream = flight.do_get(ticket).await?;
+            batches.extend(stream.try_collect::<Vec<_>>().await?);
+        }
+        Ok(batches)
+    }
+}
+
+/// Device actions that take one device id.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DeviceAction {
+    Show,
+    Quarantine,
+    Release,
+}
+
+/// Reads `device_id,public_key_hex,class` with a header line; an empty class means `generic`.
+pub(crate) fn read_enrollment_csv(path: &Path) -> anyhow::Result<Vec<Device>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    parse_enrollment_csv(&text).with_context(|| format!("in {}", path.display()))
+}
+
+pub(crate) fn parse_enrollment_csv(text: &str) -> anyhow::Result<Vec<Device>> {
+    let mut lines = text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
+    match lines.next() {
+        Some((_, header)) if header.trim().starts_with("device_id,public_key_hex") => {}
+        _ => bail!("the first line must be the header device_id,public_key_hex,class"),
+    }
+
+    let mut devices = Vec::new();
+    for (index, line) in lines {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let (device_id, public_key_hex, class) = match fields.as_slice() {
+            [id, key] => (*id, *key, ""),
+            [id, key, class] => (*id, *key, *class),
+            _ => bail!("line {}: expected 2 or 3 fields", index + 1),
+        };
+        devices.push(Device {
+            device_id: device_id.to_owned(),
+            public_key_hex: public_key_hex.to_owned(),
+            class: class.to_owned(),
+            ..Device::default()
+        });
+    }
+    Ok(devices)
+}
+
+/// Output formats of `vigil sql`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+pub(crate) fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> anyhow::Result<String> {
+    match format {
+        OutputFormat::Table => Ok(arrow::util::pretty::pretty_format_batches(batches)?.to_string()),
+        OutputFormat::Csv => {
+            let mut bytes = Vec::new();
+            {
+                let mut writer = arrow::csv::Writer::new(&mut bytes);
+                for batch in batches {
+                    writer.write(batch)?;
+                }
+            }
+            Ok(String::from_utf8(bytes)?)
+        }
+        OutputFormat::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+            let refs: Vec<&RecordBatch> = batches.iter().collect();
+            writer.write_batches(&refs)?;
+            writer.finish()?;
+            let mut text = String::from_utf8(writer.into_inner())?;
+            if text.is_empty() {
+                text.push_str("[]");
+            }
+            Ok(text)
+        }
+    }
+}
+
+pub(crate) fn format_devices(devices: &[Device]) -> String {
+    let mut out = format!("{:<40} {:<24} {:<12} {}\n", "DEVICE", "CLASS", "STATUS", "PUBLIC KEY");
+    for device in devices {
+        out.push_str(&format!(
+            "{:<40} {:<24} {:<12} {}\n",
+            device.device_id, device.class, device.status, device.public_key_hex
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_csv_defaults_the_class() {
+        let devices = parse_enrollment_csv("device_id,public_key_hex,class\na,00,pump\nb,11\n").unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].class, "pump");
+        assert_eq!(devices[1].class, "");
+        assert!(parse_enrollment_csv("a,00\n").is_err());
+        assert!(parse_enrollment_csv("device_id,public_key_hex\na,b,c,d\n").is_err());
+    }
+}

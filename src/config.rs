@@ -1,0 +1,110 @@
+//! The server's configuration: a TOML file (documented in `deploy/vigil.toml`) with command-line
+//! flags taking precedence.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use vigil_ingest::IngestConfig;
+use vigil_store::StoreConfig;
+
+/// Everything `vigil run` needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct VigilConfig {
+    /// Directory of the registry, write-ahead log, Parquet tables and admin token.
+    pub(crate) data_dir: PathBuf,
+    /// Address of the gRPC listener: device administration and Flight SQL.
+    pub(crate) grpc_listen: SocketAddr,
+    /// Address of the HTTP listener: `/metrics` and `/healthz`.
+    pub(crate) http_listen: SocketAddr,
+    /// Log format: `text` or `json`.
+    pub(crate) log_format: String,
+    /// The MQTT gateway and verifier.
+    pub(crate) ingest: IngestConfig,
+    /// The write-ahead log, hot tier and Parquet files.
+    pub(crate) store: StoreSettings,
+}
+
+/// Storage settings as written in the file; the data directory comes from the top level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct StoreSettings {
+    /// Roll to a new write-ahead log segment past this size, in bytes.
+    pub(crate) wal_segment_bytes: u64,
+    /// Most entries in one group commit (one fsync).
+    pub(crate) wal_max_group_entries: usize,
+    /// Entries queued for the write-ahead log before devices are slowed down.
+    pub(crate) queue_capacity: usize,
+    /// Flush recent readings to Parquet when the oldest is this old, in milliseconds.
+    pub(crate) flush_interval_ms: u64,
+    /// ... or when this many rows are held in memory.
+    pub(crate) flush_max_rows: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        let defaults = StoreConfig::default();
+        Self {
+            wal_segment_bytes: defaults.wal_segment_bytes,
+            wal_max_group_entries: defaults.wal_max_group_entries,
+            queue_capacity: defaults.queue_capacity,
+            flush_interval_ms: defaults.flush_interval_ms,
+            flush_max_rows: defaults.flush_max_rows,
+        }
+    }
+}
+
+impl Default for VigilConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./vigil-data"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            log_format: "text".to_owned(),
+            ingest: IngestConfig::default(),
+            store: StoreSettings::default(),
+        }
+    }
+}
+
+impl VigilConfig {
+    /// Reads a TOML file; missing fields take their defaults, unknown fields are refused.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The store's configuration, with the data directory filled in.
+    pub(crate) fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            data_dir: self.data_dir.clone(),
+            wal_segment_bytes: self.store.wal_segment_bytes,
+            wal_max_group_entries: self.store.wal_max_group_entries,
+            queue_capacity: self.store.queue_capacity,
+            flush_interval_ms: self.store.flush_interval_ms,
+            flush_max_rows: self.store.flush_max_rows,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/vigil.toml");
+        let config = VigilConfig::load(&path).unwrap();
+        assert_eq!(config.ingest.mqtt_listen.port(), 1883);
+        assert_eq!(config.grpc_listen.port(), 50051);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<VigilConfig>("mqtt_port = 1").is_err());
+        assert!(toml::from_str::<VigilConfig>("[ingest]\nmax_payload = 1").is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! `vigil`: the telemetry gateway for medical device fleets, and its client commands.
+//!
+//! The binary only parses the command line and wires the stages together; the domain logic
+//! lives in the `proto`, `ingest`, `store`, `detect` and `loadtest` crates.
+
+mod admin;
+mod auth;
+mod client;
+mod config;
+mod demo;
+mod http;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{Client, DeviceAction, OutputFormat};
+use crate::config::VigilConfig;
+use crate::server::RunningServer;
+
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about = "Telemetry gateway for medical device fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Start a server on loopback with a fresh data directory and run a simulated fleet.
+    Demo(demo::DemoArgs),
+    /// Enroll, list and act on devices.
+    Devices {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Run a SQL query over Flight SQL.
+    Sql {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// The query, e.g. "SELECT count(*) FROM readings".
+        query: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML configuration file (see deploy/vigil.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct ConnectionArgs {
+    /// gRPC address of the server.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "VIGIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (default: ./vigil-data/admin.token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+}
+
+impl ConnectionArgs {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let token = auth::client_token(self.token.as_deref(), self.token_file.as_deref())?;
+        Client::connect(&self.server, token).await
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Enroll one device with its Ed25519 public key (the private key stays on the device).
+    Add {
+        device_id: String,
+        #[arg(long)]
+        public_key: String,
+        #[arg(long)]
+        class: Option<String>,
+    },
+    /// Enroll devices from a CSV file: device_id,public_key_hex,class with a header line.
+    Import { csv: PathBuf },
+    /// List enrolled devices.
+    List,
+    /// Show one device.
+    Show { device_id: String },
+    /// Cut a device off: close its session and refuse its logins until released.
+    Quarantine {
+        device_id: String,
+        #[arg(long, default_value = "quarantined by an operator")]
+        reason: String,
+    },
+    /// Restore a quarantined device's logins.
+    Release { device_id: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Demo(args) => {
+            init_logging("text", "warn");
+            runtime.block_on(demo::run(args))
+        }
+        Command::Devices { connection, command } => runtime.block_on(devices(connection, command)),
+        Command::Sql { connection, query, format } => runtime.block_on(async move {
+            let batches = connection.connect().await?.sql(&query).await?;
+            print!("{}", client::format_batches(&batches, format)?);
+            println!();
+            Ok(())
+        }),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => VigilConfig::load(path)?,
+        None => VigilConfig::default(),
+    };
+    if let Some(data_dir) = args.data_dir {
+        config.data_dir = data_dir;
+    }
+    if let Some(address) = args.mqtt_listen {
+        config.ingest.mqtt_listen = address;
+    }
+    if let Some(address) = args.grpc_listen {
+        config.grpc_listen = address;
+    }
+    if let Some(address) = args.http_listen {
+        config.http_listen = address;
+    }
+    init_logging(&config.log_format, "info");
+
+    let server = RunningServer::start(&config).await?;
+    tracing::info!(
+        mqtt = %server.mqtt_address,
+        grpc = %server.grpc_address,
+        http = %server.http_address,
+        data_dir = %config.data_dir.display(),
+        "vigil is running"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow::Result<()> {
+    let client = connection.connect().await?;
+    match command {
+        DevicesCommand::Add { device_id, public_key, class } => {
+            let device = vigil_proto::v1::Device {
+                device_id,
+                public_key_hex: public_key,
+                class: class.unwrap_or_default(),
+                ..Default::default()
+            };
+            let added = client.add_devices(vec![device]).await?;
+            println!("{added} device(s) enrolled");
+        }
+        DevicesCommand::Import { csv } => {
+            let devices = client::read_enrollment_csv(&csv)?;
+            let total = devices.len();
+            let added = client.add_devices(devices).await?;
+            println!("{added} of {total} device(s) newly enrolled");
+        }
+        DevicesCommand::List => print!("{}", client::format_devices(&client.list_devices().await?)),
+        DevicesCommand::Show { device_id } => {
+            let device = client.device_action(DeviceAction::Show, &device_id, "").await?;
+            print!("{}", client::format_devices(&[device]));
+        }
+        DevicesCommand::Quarantine { device_id, reason } => {
+            let device = client.device_action(DeviceAction::Quarantine, &device_id, &reason).await?;
+            print!("{}", client::format_devices(&[device]));
+        }
+        DevicesCommand::Release { device_id } => {
+            let device = client.device_action(DeviceAction::Release, &device_id, "").await?;
+            print!("{}", client::format_devices(&[device]));
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

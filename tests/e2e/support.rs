@@ -1,0 +1,323 @@
+//! Starting the server binary, fake devices, and queries.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::array::RecordBatch;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use ed25519_dalek::SigningKey;
+use futures::TryStreamExt;
+use prost::Message;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use tonic::transport::Channel;
+use vigil_proto::v1::{Measurement, Reading};
+use vigil_proto::{fresh_login_token, readings_topic, sign_reading};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vigil");
+
+/// A `vigil run` child process on free loopback ports.
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub mqtt: SocketAddr,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub token: String,
+    extra_args: Vec<String>,
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts with extra `vigil run` arguments (e.g. a config file).
+    pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut server = Server {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            mqtt: free_port(),
+            grpc: free_port(),
+            http: free_port(),
+            token: String::new(),
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--mqtt-listen")
+            .arg(self.mqtt.to_string())
+            .arg("--grpc-listen")
+            .arg(self.grpc.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+        self.token = std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log = std::fs::read_to_string(self.data_dir.with_extension("log"))
+                    .unwrap_or_default();
+                panic!("server exited with {status} during start-up:\n{log}");
+            }
+            let http_up = http_get(self.http, "/healthz").is_some_and(|body| body.contains("ok"));
+            if http_up && TcpStream::connect(self.mqtt).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not start within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process with SIGKILL: no shutdown code runs.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill_9();
+        self.spawn();
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http, "/metrics").expect("metrics endpoint answers")
+    }
+
+    /// The value of one metric line, e.g. `vigil_ingest_readings_refused_total{reason="replay"}`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let metrics = self.metrics();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|value| value.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{metrics}"))
+    }
+
+    /// Runs the `vigil` binary as a client command against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(BIN)
+            .args(args)
+            .arg("--server")
+            .arg(format!("http://{}", self.grpc))
+            .env("VIGIL_TOKEN", self.token.trim())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "vigil {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    pub async fn sql(&self, query: &str) -> Vec<RecordBatch> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.set_token(self.token.trim().to_owned());
+        let info = client.execute(query.to_owned(), None).await.unwrap();
+        let mut batches = Vec::new();
+        for endpoint in info.endpoint {
+            let stream = client.do_get(endpoint.ticket.unwrap()).await.unwrap();
+            batches.extend(stream.try_collect::<Vec<_>>().await.unwrap());
+        }
+        batches
+    }
+
+    /// A query whose answer is one integer.
+    pub async fn sql_count(&self, query: &str) -> i64 {
+        let batches = self.sql(query).await;
+        let batch = batches.iter().find(|batch| batch.num_rows() > 0).expect("one row");
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
+            .unwrap();
+        column.as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0)
+    }
+
+    /// Enrolls devices with the `vigil devices import` command.
+    pub fn enroll(&self, devices: &[&TestDevice]) {
+        let mut csv = String::from("device_id,public_key_hex,class\n");
+        for device in devices {
+            csv.push_str(&format!("{},{},pulse_oximeter\n", device.id, device.public_key_hex()));
+        }
+        let path = self.data_dir.with_extension(format!("{}.csv", rand::random::<u32>()));
+        std::fs::write(&path, csv).unwrap();
+        self.cli(&["devices", "import", path.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// A minimal HTTP/1.1 GET; `None` when nothing answers.
+pub fn http_get(address: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A device with its own key, as the device side holds it.
+pub struct TestDevice {
+    pub id: String,
+    pub key: SigningKey,
+}
+
+impl TestDevice {
+    pub fn new(id: &str) -> Self {
+        Self { id: id.to_owned(), key: SigningKey::from_bytes(&rand::random()) }
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    pub fn token(&self) -> String {
+        fresh_login_token(&self.key, &self.id, now_s(), 120)
+    }
+
+    pub fn topic(&self) -> String {
+        readings_topic(&self.id)
+    }
+
+    pub fn reading(&self, seq: u64) -> Reading {
+        Reading {
+            device_id: self.id.clone(),
+            seq,
+            sampled_at_ms: now_ms(),
+            measurements: vec![
+                Measurement { metric: "spo2_pct".into(), value: 97.0 + (seq % 3) as f64 },
+                Measurement { metric: "heart_rate_bpm".into(), value: 70.0 + (seq % 7) as f64 },
+            ],
+        }
+    }
+
+    pub fn payload(&self, seq: u64) -> Vec<u8> {
+        sign_reading(&self.key, &self.reading(seq)).encode_to_vec()
+    }
+
+    pub fn options(&self, mqtt: SocketAddr) -> MqttOptions {
+        let mut options = MqttOptions::new(&self.id, mqtt.ip().to_string(), mqtt.port());
+        options.set_credentials(&self.id, self.token());
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(true);
+        options
+    }
+}
+
+/// An MQTT 3.1.1 device connection driven by the test.
+pub struct V3Device {
+    pub client: AsyncClient,
+    pub events: EventLoop,
+}
+
+impl V3Device {
+    /// Connects and waits for the CONNACK; `Err` carries the connection error.
+    pub async fn connect(device: &TestDevice, mqtt: SocketAddr) -> Result<Self, rumqttc::ConnectionError> {
+        Self::connect_with(device.options(mqtt)).await
+    }
+
+    pub async fn connect_with(options: MqttOptions) -> Result<Self, rumqttc::ConnectionError> {
+        let (client, mut events) = AsyncClient::new(options, 1024);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(Self { client, events }),
+                Ok(Ok(_)) => continue,
+                Ok(Err(error)) => return Err(error),
+                Err(_) => panic!("no CONNACK within 10 s"),
+            }
+        }
+    }
+
+    /// Publishes every payload with QoS 1 and waits until each has its PUBACK.
+    pub async fn publish_all(&mut self, topic: &str, payloads: Vec<Vec<u8>>) -> Result<usize, String> {
+        let expected = payloads.len();
+        let client = self.client.clone();
+        let topic = topic.to_owned();
+        let sender = tokio::spawn(async move {
+            for payload in payloads {
+                client.publish(&topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+            }
+        });
+
+        let mut acked = 0;
+        while acked < expected {
+            match tokio::time::timeout(Duration::from_secs(20), self.events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(format!("after {acked} acks: {error}")),
+                Err(_) => return Err(format!("timed out after {acked} of {expected} acks")),
+            }
+        }
+        sender.await.unwrap();
+        Ok(acked)
+    }
+
+    /// Polls until the server closes the connection; `true` if it did within `limit`.
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => return true,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Waits until the server has processed everything the test sent, by the metrics.
+pub async fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
