@@ -44,10 +44,18 @@ fn internal(error: vigil_ingest::Error) -> Status {
     Status::internal(error.to_string())
 }
 
-fn found(entry: Option<Arc<DeviceEntry>>, device_id: &str) -> Result<Response<DeviceActionResponse>, Status> {
+fn found(
+    entry: Option<Arc<DeviceEntry>>,
+    device_id: &str,
+) -> Result<Response<DeviceActionResponse>, Status> {
     match entry {
-        Some(entry) => Ok(Response::new(DeviceActionResponse { device: Some(device_message(&entry)) })),
-        None => Err(Status::not_found(format!("no device {}", device_id.escape_default()))),
+        Some(entry) => Ok(Response::new(DeviceActionResponse {
+            device: Some(device_message(&entry)),
+        })),
+        None => Err(Status::not_found(format!(
+            "no device {}",
+            device_id.escape_default()
+        ))),
     }
 }
 
@@ -83,14 +91,22 @@ impl DeviceAdmin for AdminService {
                 other => internal(other),
             })?;
         tracing::info!(added, "devices enrolled");
-        Ok(Response::new(AddDevicesResponse { added: added as u32 }))
+        Ok(Response::new(AddDevicesResponse {
+            added: added as u32,
+        }))
     }
 
     async fn list_devices(
         &self,
         _request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        let devices = self.ingest.registry.list().iter().map(|entry| device_message(entry)).collect();
+        let devices = self
+            .ingest
+            .registry
+            .list()
+            .iter()
+            .map(|entry| device_message(entry))
+            .collect();
         Ok(Response::new(ListDevicesResponse { devices }))
     }
 
@@ -107,8 +123,15 @@ impl DeviceAdmin for AdminService {
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
         let request = request.into_inner();
-        let reason = if request.reason.is_empty() { "quarantined by an operator" } else { &request.reason };
-        let entry = self.ingest.quarantine(&request.device_id, reason).map_err(internal)?;
+        let reason = if request.reason.is_empty() {
+            "quarantined by an operator"
+        } else {
+            &request.reason
+        };
+        let entry = self
+            .ingest
+            .quarantine(&request.device_id, reason)
+            .map_err(internal)?;
         found(entry, &request.device_id)
     }
 

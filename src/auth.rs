@@ -40,7 +40,9 @@ impl BearerAuth {
 
         let token = fs::read_to_string(&path)
             .with_context(|| format!("cannot read admin token {}", path.display()))?;
-        Ok(Self { admin_hash: Arc::new(hash(token.trim())) })
+        Ok(Self {
+            admin_hash: Arc::new(hash(token.trim())),
+        })
     }
 
     /// Checks a request's bearer token.
@@ -75,14 +77,21 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
 
 /// Finds the token a client command should send: flag, file, environment, or the default
 /// data directory's admin token.
-pub(crate) fn client_token(token: Option<&str>, token_file: Option<&Path>) -> anyhow::Result<String> {
+pub(crate) fn client_token(
+    token: Option<&str>,
+    token_file: Option<&Path>,
+) -> anyhow::Result<String> {
     if let Some(token) = token {
         return Ok(token.trim().to_owned());
     }
@@ -92,12 +101,14 @@ pub(crate) fn client_token(token: Option<&str>, token_file: Option<&Path>) -> an
         return Ok(text.trim().to_owned());
     }
     let default = Path::new("./vigil-data").join(TOKEN_FILE);
-    fs::read_to_string(&default).map(|text| text.trim().to_owned()).with_context(|| {
-        format!(
-            "no token given (--token, --token-file or VIGIL_TOKEN) and {} is not readable",
-            default.display()
-        )
-    })
+    fs::read_to_string(&default)
+        .map(|text| text.trim().to_owned())
+        .with_context(|| {
+            format!(
+                "no token given (--token, --token-file or VIGIL_TOKEN) and {} is not readable",
+                default.display()
+            )
+        })
 }
 
 #[cfg(test)]
@@ -113,15 +124,20 @@ mod tests {
         assert_eq!(auth.admin_hash, again.admin_hash);
 
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
 
         let mut good = Request::new(());
-        good.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        good.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
         assert!(auth.check(good).is_ok());
 
         let mut bad = Request::new(());
-        bad.metadata_mut().insert("authorization", "Bearer nope".parse().unwrap());
+        bad.metadata_mut()
+            .insert("authorization", "Bearer nope".parse().unwrap());
         assert!(auth.check(bad).is_err());
         assert!(auth.check(Request::new(())).is_err());
     }

@@ -35,41 +35,65 @@ impl Client {
         Ok(Self { channel, token })
     }
 
-    fn admin(&self) -> anyhow::Result<DeviceAdminClient<InterceptedService<Channel, AuthInterceptor>>> {
+    fn admin(
+        &self,
+    ) -> anyhow::Result<DeviceAdminClient<InterceptedService<Channel, AuthInterceptor>>> {
         let header: MetadataValue<_> = format!("Bearer {}", self.token)
             .parse()
             .context("the token contains characters not allowed in a header")?;
         let interceptor: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", header.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
             Ok(request)
         });
-        Ok(DeviceAdminClient::with_interceptor(self.channel.clone(), interceptor)
-            .max_decoding_message_size(64 * 1024 * 1024))
+        Ok(
+            DeviceAdminClient::with_interceptor(self.channel.clone(), interceptor)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
     }
 
     /// Enrolls devices; returns how many were new.
     pub(crate) async fn add_devices(&self, devices: Vec<Device>) -> anyhow::Result<u32> {
         let mut added = 0;
         for chunk in devices.chunks(IMPORT_CHUNK) {
-            let request = AddDevicesRequest { devices: chunk.to_vec() };
+            let request = AddDevicesRequest {
+                devices: chunk.to_vec(),
+            };
             added += self.admin()?.add_devices(request).await?.into_inner().added;
         }
         Ok(added)
     }
 
     pub(crate) async fn list_devices(&self) -> anyhow::Result<Vec<Device>> {
-        Ok(self.admin()?.list_devices(ListDevicesRequest {}).await?.into_inner().devices)
+        Ok(self
+            .admin()?
+            .list_devices(ListDevicesRequest {})
+            .await?
+            .into_inner()
+            .devices)
     }
 
-    pub(crate) async fn device_action(&self, action: DeviceAction, device_id: &str, reason: &str) -> anyhow::Result<Device> {
-        let request = DeviceActionRequest { device_id: device_id.to_owned(), reason: reason.to_owned() };
+    pub(crate) async fn device_action(
+        &self,
+        action: DeviceAction,
+        device_id: &str,
+        reason: &str,
+    ) -> anyhow::Result<Device> {
+        let request = DeviceActionRequest {
+            device_id: device_id.to_owned(),
+            reason: reason.to_owned(),
+        };
         let mut admin = self.admin()?;
         let response = match action {
             DeviceAction::Show => admin.show_device(request).await?,
             DeviceAction::Quarantine => admin.quarantine_device(request).await?,
             DeviceAction::Release => admin.release_device(request).await?,
         };
-        response.into_inner().device.context("server answered without a device")
+        response
+            .into_inner()
+            .device
+            .context("server answered without a device")
     }
 
     /// Runs a query over Flight SQL and collects its result.
@@ -80,7 +104,9 @@ impl Client {
 
         let mut batches = Vec::new();
         for endpoint in info.endpoint {
-            let ticket = endpoint.ticket.context("flight endpoint without a ticket")?;
+            let ticket = endpoint
+                .ticket
+                .context("flight endpoint without a ticket")?;
             let stream = flight.do_get(ticket).await?;
             batches.extend(stream.try_collect::<Vec<_>>().await?);
         }
@@ -98,13 +124,16 @@ pub(crate) enum DeviceAction {
 
 /// Reads `device_id,public_key_hex,class` with a header line; an empty class means `generic`.
 pub(crate) fn read_enrollment_csv(path: &Path) -> anyhow::Result<Vec<Device>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     parse_enrollment_csv(&text).with_context(|| format!("in {}", path.display()))
 }
 
 pub(crate) fn parse_enrollment_csv(text: &str) -> anyhow::Result<Vec<Device>> {
-    let mut lines = text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty());
     match lines.next() {
         Some((_, header)) if header.trim().starts_with("device_id,public_key_hex") => {}
         _ => bail!("the first line must be the header device_id,public_key_hex,class"),
@@ -136,7 +165,10 @@ pub(crate) enum OutputFormat {
     Json,
 }
 
-pub(crate) fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> anyhow::Result<String> {
+pub(crate) fn format_batches(
+    batches: &[RecordBatch],
+    format: OutputFormat,
+) -> anyhow::Result<String> {
     match format {
         OutputFormat::Table => Ok(arrow::util::pretty::pretty_format_batches(batches)?.to_string()),
         OutputFormat::Csv => {
@@ -164,7 +196,10 @@ pub(crate) fn format_batches(batches: &[RecordBatch], format: OutputFormat) -> a
 }
 
 pub(crate) fn format_devices(devices: &[Device]) -> String {
-    let mut out = format!("{:<40} {:<24} {:<12} {}\n", "DEVICE", "CLASS", "STATUS", "PUBLIC KEY");
+    let mut out = format!(
+        "{:<40} {:<24} {:<12} {}\n",
+        "DEVICE", "CLASS", "STATUS", "PUBLIC KEY"
+    );
     for device in devices {
         out.push_str(&format!(
             "{:<40} {:<24} {:<12} {}\n",
@@ -180,7 +215,8 @@ mod tests {
 
     #[test]
     fn enrollment_csv_defaults_the_class() {
-        let devices = parse_enrollment_csv("device_id,public_key_hex,class\na,00,pump\nb,11\n").unwrap();
+        let devices =
+            parse_enrollment_csv("device_id,public_key_hex,class\na,00,pump\nb,11\n").unwrap();
         assert_eq!(devices.len(), 2);
         assert_eq!(devices[0].class, "pump");
         assert_eq!(devices[1].class, "");

@@ -35,9 +35,15 @@ pub(crate) struct DemoArgs {
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("vigil-demo-").tempdir()?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| scratch.path().to_owned());
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| scratch.path().to_owned());
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = VigilConfig { data_dir: data_dir.clone(), ..VigilConfig::default() };
+    let mut config = VigilConfig {
+        data_dir: data_dir.clone(),
+        ..VigilConfig::default()
+    };
     config.ingest.mqtt_listen = loopback;
     config.grpc_listen = loopback;
     config.http_listen = loopback;
@@ -56,8 +62,13 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("the server did not create its admin token")?;
     let client = Client::connect(&format!("http://{}", server.grpc_address), token).await?;
     let fleet = generate_fleet(args.devices, 42);
-    let enrolled = client.add_devices(parse_enrollment_csv(&enrollment_csv(&fleet))?).await?;
-    println!("enrolled {enrolled} devices over gRPC; running the fleet for {} s", args.duration_s);
+    let enrolled = client
+        .add_devices(parse_enrollment_csv(&enrollment_csv(&fleet))?)
+        .await?;
+    println!(
+        "enrolled {enrolled} devices over gRPC; running the fleet for {} s",
+        args.duration_s
+    );
 
     let fleet_config = FleetConfig {
         mqtt_host: server.mqtt_address.ip().to_string(),
@@ -78,7 +89,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .map(|reason| {
             metrics
                 .readings_refused
-                .get_or_create(&vigil_ingest::metrics::ReasonLabel { reason: reason.as_str() })
+                .get_or_create(&vigil_ingest::metrics::ReasonLabel {
+                    reason: reason.as_str(),
+                })
                 .get()
         })
         .sum();

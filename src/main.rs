@@ -22,7 +22,11 @@ use crate::config::VigilConfig;
 use crate::server::RunningServer;
 
 #[derive(Debug, Parser)]
-#[command(name = "vigil", version, about = "Telemetry gateway for medical device fleets")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Telemetry gateway for medical device fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,8 +130,15 @@ fn main() -> anyhow::Result<()> {
             init_logging("text", "warn");
             runtime.block_on(demo::run(args))
         }
-        Command::Devices { connection, command } => runtime.block_on(devices(connection, command)),
-        Command::Sql { connection, query, format } => runtime.block_on(async move {
+        Command::Devices {
+            connection,
+            command,
+        } => runtime.block_on(devices(connection, command)),
+        Command::Sql {
+            connection,
+            query,
+            format,
+        } => runtime.block_on(async move {
             let batches = connection.connect().await?.sql(&query).await?;
             print!("{}", client::format_batches(&batches, format)?);
             println!();
@@ -190,7 +201,11 @@ async fn shutdown_signal() {
 async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow::Result<()> {
     let client = connection.connect().await?;
     match command {
-        DevicesCommand::Add { device_id, public_key, class } => {
+        DevicesCommand::Add {
+            device_id,
+            public_key,
+            class,
+        } => {
             let device = vigil_proto::v1::Device {
                 device_id,
                 public_key_hex: public_key,
@@ -208,15 +223,21 @@ async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow:
         }
         DevicesCommand::List => print!("{}", client::format_devices(&client.list_devices().await?)),
         DevicesCommand::Show { device_id } => {
-            let device = client.device_action(DeviceAction::Show, &device_id, "").await?;
+            let device = client
+                .device_action(DeviceAction::Show, &device_id, "")
+                .await?;
             print!("{}", client::format_devices(&[device]));
         }
         DevicesCommand::Quarantine { device_id, reason } => {
-            let device = client.device_action(DeviceAction::Quarantine, &device_id, &reason).await?;
+            let device = client
+                .device_action(DeviceAction::Quarantine, &device_id, &reason)
+                .await?;
             print!("{}", client::format_devices(&[device]));
         }
         DevicesCommand::Release { device_id } => {
-            let device = client.device_action(DeviceAction::Release, &device_id, "").await?;
+            let device = client
+                .device_action(DeviceAction::Release, &device_id, "")
+                .await?;
             print!("{}", client::format_devices(&[device]));
         }
     }
@@ -226,7 +247,9 @@ async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow:
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -41,8 +41,9 @@ pub(crate) struct RunningServer {
 impl RunningServer {
     /// Starts every stage of one process.
     pub(crate) async fn start(config: &VigilConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
         let auth = BearerAuth::load_or_create(&config.data_dir)?;
 
         let store_config = config.store_config();
@@ -56,8 +57,13 @@ impl RunningServer {
         );
 
         let ingest = Arc::new(
-            Ingest::start(&config.ingest, &config.data_dir, recovered, store.wal_sender())
-                .context("cannot start the MQTT gateway")?,
+            Ingest::start(
+                &config.ingest,
+                &config.data_dir,
+                recovered,
+                store.wal_sender(),
+            )
+            .context("cannot start the MQTT gateway")?,
         );
         let registry = ingest.registry.clone();
         store.set_devices_source(Arc::new(move || devices_batch(&registry)));
@@ -133,10 +139,9 @@ async fn serve_grpc(
     let admin = DeviceAdminServer::new(AdminService::new(ingest))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let admin = InterceptedService::new(admin, move |request| admin_auth.check(request));
-    let flight =
-        InterceptedService::new(vigil_store::flight_sql_service(store), move |request| {
-            auth.check(request)
-        });
+    let flight = InterceptedService::new(vigil_store::flight_sql_service(store), move |request| {
+        auth.check(request)
+    });
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let served = tonic::transport::Server::builder()
@@ -153,9 +158,15 @@ async fn serve_grpc(
 fn devices_batch(registry: &DeviceRegistry) -> RecordBatch {
     let devices = registry.list();
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(devices.iter().map(|d| d.id.to_string()))),
-        Arc::new(StringArray::from_iter_values(devices.iter().map(|d| d.class.clone()))),
-        Arc::new(StringArray::from_iter_values(devices.iter().map(|d| d.status().as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            devices.iter().map(|d| d.id.to_string()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            devices.iter().map(|d| d.class.clone()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            devices.iter().map(|d| d.status().as_str()),
+        )),
         Arc::new(
             TimestampMillisecondArray::from_iter_values(devices.iter().map(|d| d.enrolled_at_ms))
                 .with_timezone("UTC"),

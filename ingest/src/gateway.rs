@@ -88,7 +88,54 @@ struct DeviceSession {
     peer: Arc<str>,
     readings_topic: Arc<str>,
     notices_topic: Arc<str>,
+    order: Rc<ArrivalOrder>,
     _registration: Rc<Registration>,
+}
+
+/// Keeps one connection's publishes in arrival order until they are queued for verification.
+///
+/// ntex-mqtt runs the handlers of in-flight publishes concurrently, and a handler may wait (for
+/// its payload, or for room in the verifier queue). Each publish takes a ticket when it is
+/// dispatched, in arrival order, and queues its reading only on its turn, so a later reading
+/// can never overtake an earlier one and make it look like a replay.
+#[derive(Debug, Default)]
+struct ArrivalOrder {
+    issued: std::cell::Cell<u64>,
+    next: std::cell::Cell<u64>,
+    turn_changed: tokio::sync::Notify,
+}
+
+impl ArrivalOrder {
+    fn ticket(&self) -> u64 {
+        let ticket = self.issued.get();
+        self.issued.set(ticket + 1);
+        ticket
+    }
+
+    /// Waits until every earlier ticket has passed; the turn ends when the guard drops.
+    async fn turn(self: &Rc<Self>, ticket: u64) -> Turn {
+        loop {
+            let turn_changed = self.turn_changed.notified();
+            if self.next.get() == ticket {
+                return Turn {
+                    order: self.clone(),
+                };
+            }
+            turn_changed.await;
+        }
+    }
+}
+
+/// Holds a publish's turn; dropping it lets the next ticket go.
+struct Turn {
+    order: Rc<ArrivalOrder>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.order.next.set(self.order.next.get() + 1);
+        self.order.turn_changed.notify_waiters();
+    }
 }
 
 /// Removes the session from the table when the connection's state is dropped, however the
@@ -102,7 +149,9 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.context.sessions.closed(&self.device_id, self.generation);
+        self.context
+            .sessions
+            .closed(&self.device_id, self.generation);
         self.context.metrics.connected_devices.dec();
     }
 }
@@ -129,7 +178,10 @@ impl GatewayContext {
         password: Option<&[u8]>,
         peer: &str,
     ) -> Option<Arc<DeviceEntry>> {
-        match self.logins.check(client_id, username, password, now_unix_s()) {
+        match self
+            .logins
+            .check(client_id, username, password, now_unix_s())
+        {
             Ok(device) => {
                 self.metrics.logins_accepted.inc();
                 Some(device)
@@ -172,6 +224,7 @@ impl GatewayContext {
         DeviceSession {
             readings_topic: Arc::from(readings_topic(&device.id)),
             notices_topic: notices,
+            order: Rc::new(ArrivalOrder::default()),
             _registration: Rc::new(Registration {
                 context: self.clone(),
                 device_id: device.id.clone(),
@@ -207,12 +260,23 @@ impl GatewayContext {
     }
 
     /// Checks, verifies and stores one published payload.
-    async fn process(&self, session: &DeviceSession, topic: &str, payload: &[u8]) -> Outcome {
+    async fn process(
+        &self,
+        session: &DeviceSession,
+        ticket: u64,
+        topic: &str,
+        payload: &[u8],
+    ) -> Outcome {
+        let turn = session.order.turn(ticket).await;
         if topic != &*session.readings_topic {
+            drop(turn);
             let detail = format!("topic {}", truncate_chars(topic, 200));
-            return self.refuse(session, RefusalReason::TopicNotAllowed, detail).await;
+            return self
+                .refuse(session, RefusalReason::TopicNotAllowed, detail)
+                .await;
         }
         if payload.len() > self.settings.max_payload_bytes {
+            drop(turn);
             let detail = format!("{} bytes", payload.len());
             return self.refuse(session, RefusalReason::Oversized, detail).await;
         }
@@ -225,7 +289,10 @@ impl GatewayContext {
             self.settings.max_clock_skew_ms,
         ) {
             Ok(checked) => checked,
-            Err((reason, detail)) => return self.refuse(session, reason, detail).await,
+            Err((reason, detail)) => {
+                drop(turn);
+                return self.refuse(session, reason, detail).await;
+            }
         };
 
         let (verdict_sender, verdict) = oneshot::channel();
@@ -238,7 +305,9 @@ impl GatewayContext {
             verdict: verdict_sender,
             durable: durable_sender,
         };
-        if self.verifier.submit(job).await.is_err() {
+        let queued = self.verifier.submit(job).await;
+        drop(turn);
+        if queued.is_err() {
             return Outcome::Failed;
         }
 
@@ -253,14 +322,22 @@ impl GatewayContext {
     }
 }
 
-async fn close_on_order(order: oneshot::Receiver<CloseOrder>, sink: SessionSink, notices: Arc<str>) {
+async fn close_on_order(
+    order: oneshot::Receiver<CloseOrder>,
+    sink: SessionSink,
+    notices: Arc<str>,
+) {
     // An error means the session ended on its own: nothing to close.
     let Ok(order) = order.await else {
         return;
     };
 
     if let CloseOrder::Quarantined { reason } = &order {
-        let notice = Notice { kind: "quarantined".into(), reason: reason.clone(), at_ms: now_ms() };
+        let notice = Notice {
+            kind: "quarantined".into(),
+            reason: reason.clone(),
+            at_ms: now_ms(),
+        };
         let payload = Bytes::from(notice.encode_to_vec());
         let topic = ByteString::from(&*notices);
         // Best effort: the session is closed whether or not the notice could be sent.
@@ -284,7 +361,11 @@ fn peer_of(io: &ntex::io::IoBoxed) -> Arc<str> {
 }
 
 fn keep_alive(settings: &GatewaySettings, requested_s: u16) -> Seconds {
-    let requested = if requested_s == 0 { settings.max_keep_alive_s } else { requested_s };
+    let requested = if requested_s == 0 {
+        settings.max_keep_alive_s
+    } else {
+        requested_s
+    };
     let bounded = requested.min(settings.max_keep_alive_s);
     // MQTT allows one and a half keep-alive intervals of silence.
     Seconds(bounded.saturating_add(bounded / 2))
@@ -336,7 +417,7 @@ async fn handshake_v5(
         Some(device) => {
             let sink = SessionSink::V5(handshake.sink());
             let session = context.open_session(device, peer, sink);
-            let max_packet = context.settings.max_payload_bytes as u32 + 1024;
+            let max_packet = max_frame_bytes(&context.settings);
             let inflight = context.settings.max_inflight_per_device;
             Ok(handshake.ack(session).keep_alive(keep.0).with(|ack| {
                 ack.receive_max = std::num::NonZeroU16::new(inflight).unwrap_or(ack.receive_max);
@@ -350,13 +431,22 @@ async fn handshake_v5(
 async fn publish_v3(
     context: Arc<GatewayContext>,
     session: v3::Session<DeviceSession>,
+    ticket: u64,
     publish: v3::Publish,
 ) -> Result<(), GatewayError> {
     let started = Instant::now();
-    let payload = publish.read_all().await.map_err(|_| GatewayError::PayloadRead)?;
+    let payload = publish
+        .read_all()
+        .await
+        .map_err(|_| GatewayError::PayloadRead)?;
 
-    let outcome = context.process(&session, publish.publish_topic(), &payload).await;
-    context.metrics.puback_latency_seconds.observe(started.elapsed().as_secs_f64());
+    let outcome = context
+        .process(&session, ticket, publish.publish_topic(), &payload)
+        .await;
+    context
+        .metrics
+        .puback_latency_seconds
+        .observe(started.elapsed().as_secs_f64());
     match outcome {
         Outcome::Accepted => Ok(()),
         // v3.1.1 has no negative PUBACK: a publish outside the device's own topic closes
@@ -371,14 +461,21 @@ async fn publish_v3(
 async fn publish_v5(
     context: Arc<GatewayContext>,
     session: v5::Session<DeviceSession>,
+    ticket: u64,
     publish: v5::Publish,
 ) -> Result<v5::PublishAck, GatewayError> {
     let started = Instant::now();
-    let payload = publish.read_all().await.map_err(|_| GatewayError::PayloadRead)?;
+    let payload = publish
+        .read_all()
+        .await
+        .map_err(|_| GatewayError::PayloadRead)?;
     let topic = publish.publish_topic().to_owned();
 
-    let outcome = context.process(&session, &topic, &payload).await;
-    context.metrics.puback_latency_seconds.observe(started.elapsed().as_secs_f64());
+    let outcome = context.process(&session, ticket, &topic, &payload).await;
+    context
+        .metrics
+        .puback_latency_seconds
+        .observe(started.elapsed().as_secs_f64());
     let code = match outcome {
         Outcome::Accepted => return Ok(publish.ack()),
         Outcome::Refused(reason) => reason.v5_code(),
@@ -402,21 +499,27 @@ pub(crate) fn mqtt_service(
         let publish_context = context.clone();
         let protocol_context = context.clone();
         v3::MqttServer::new(move |handshake| handshake_v3(handshake_context.clone(), handshake))
-            .protocol(fn_factory_with_config(move |session: v3::Session<DeviceSession>| {
-                let context = protocol_context.clone();
-                Ready::Ok::<_, GatewayError>(fn_service(move |message| {
-                    Ready::Ok::<_, GatewayError>(protocol_v3(&context, &session, message))
-                }))
-            }))
+            .protocol(fn_factory_with_config(
+                move |session: v3::Session<DeviceSession>| {
+                    let context = protocol_context.clone();
+                    Ready::Ok::<_, GatewayError>(fn_service(move |message| {
+                        Ready::Ok::<_, GatewayError>(protocol_v3(&context, &session, message))
+                    }))
+                },
+            ))
             .control(fn_service(|_control: Control<GatewayError>| {
                 Ready::Ok::<_, GatewayError>(None)
             }))
-            .publish(fn_factory_with_config(move |session: v3::Session<DeviceSession>| {
-                let context = publish_context.clone();
-                Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
-                    publish_v3(context.clone(), session.clone(), publish)
-                }))
-            }))
+            .publish(fn_factory_with_config(
+                move |session: v3::Session<DeviceSession>| {
+                    let context = publish_context.clone();
+                    Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
+                        // The ticket is taken at dispatch, in arrival order, before any await.
+                        let ticket = session.order.ticket();
+                        publish_v3(context.clone(), session.clone(), ticket, publish)
+                    }))
+                },
+            ))
     };
 
     let v5_server = {
@@ -424,21 +527,26 @@ pub(crate) fn mqtt_service(
         let publish_context = context.clone();
         let protocol_context = context;
         v5::MqttServer::new(move |handshake| handshake_v5(handshake_context.clone(), handshake))
-            .protocol(fn_factory_with_config(move |session: v5::Session<DeviceSession>| {
-                let context = protocol_context.clone();
-                Ready::Ok::<_, GatewayError>(fn_service(move |message| {
-                    Ready::Ok::<_, GatewayError>(protocol_v5(&context, &session, message))
-                }))
-            }))
+            .protocol(fn_factory_with_config(
+                move |session: v5::Session<DeviceSession>| {
+                    let context = protocol_context.clone();
+                    Ready::Ok::<_, GatewayError>(fn_service(move |message| {
+                        Ready::Ok::<_, GatewayError>(protocol_v5(&context, &session, message))
+                    }))
+                },
+            ))
             .control(fn_service(|_control: Control<GatewayError>| {
                 Ready::Ok::<_, GatewayError>(None)
             }))
-            .publish(fn_factory_with_config(move |session: v5::Session<DeviceSession>| {
-                let context = publish_context.clone();
-                Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
-                    publish_v5(context.clone(), session.clone(), publish)
-                }))
-            }))
+            .publish(fn_factory_with_config(
+                move |session: v5::Session<DeviceSession>| {
+                    let context = publish_context.clone();
+                    Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
+                        let ticket = session.order.ticket();
+                        publish_v5(context.clone(), session.clone(), ticket, publish)
+                    }))
+                },
+            ))
     };
 
     MqttServer::new().v3(v3_server).v5(v5_server)
@@ -489,11 +597,17 @@ fn protocol_v5(
     }
 }
 
+fn max_frame_bytes(settings: &GatewaySettings) -> u32 {
+    (settings.max_payload_bytes as u32)
+        .saturating_mul(4)
+        .saturating_add(4096)
+}
+
 /// The shared MQTT configuration: frame size, connect timeout, in-flight window.
 pub(crate) fn mqtt_config(settings: &GatewaySettings) -> ntex::service::cfg::SharedCfgBuilder {
     // The frame limit leaves room above the payload limit, so that an oversized payload is
     // read, refused with its reason and recorded; larger frames end the connection.
-    let max_frame = (settings.max_payload_bytes as u32).saturating_mul(4).saturating_add(4096);
+    let max_frame = max_frame_bytes(settings);
     SharedCfg::new("MQTT").add(
         MqttServiceConfig::new()
             .set_max_qos(QoS::AtLeastOnce)

@@ -36,7 +36,10 @@ pub struct ReplayGuard {
 
 impl ReplayGuard {
     pub fn new(max_seq_jump: u64) -> Self {
-        Self { devices: HashMap::new(), max_seq_jump }
+        Self {
+            devices: HashMap::new(),
+            max_seq_jump,
+        }
     }
 
     /// Restores one device's state from the store.
@@ -48,15 +51,22 @@ impl ReplayGuard {
     pub fn check(&mut self, device_id: &Arc<str>, seq: u64, digest: [u8; 16]) -> SeqCheck {
         let state = match self.devices.get_mut(device_id) {
             Some(state) => state,
-            None => self.devices.entry(device_id.clone()).or_insert_with(|| SeqState {
-                highest_seq: 0,
-                recent: VecDeque::new(),
-            }),
+            None => self
+                .devices
+                .entry(device_id.clone())
+                .or_insert_with(|| SeqState {
+                    highest_seq: 0,
+                    recent: VecDeque::new(),
+                }),
         };
 
         if seq <= state.highest_seq {
             let resend = state.recent.iter().any(|&(s, d)| s == seq && d == digest);
-            return if resend { SeqCheck::Resend } else { SeqCheck::Replay };
+            return if resend {
+                SeqCheck::Resend
+            } else {
+                SeqCheck::Replay
+            };
         }
         if seq - state.highest_seq > self.max_seq_jump {
             return SeqCheck::JumpTooFar;
@@ -85,7 +95,11 @@ mod tests {
         assert_eq!(guard.check(&id, 4, [4; 16]), SeqCheck::Resend);
         assert_eq!(guard.check(&id, 1, [1; 16]), SeqCheck::Resend);
         assert_eq!(guard.check(&id, 4, [9; 16]), SeqCheck::Replay);
-        assert_eq!(guard.check(&id, 2, [2; 16]), SeqCheck::Replay, "a gap is not refillable");
+        assert_eq!(
+            guard.check(&id, 2, [2; 16]),
+            SeqCheck::Replay,
+            "a gap is not refillable"
+        );
         assert_eq!(guard.check(&id, 1005, [5; 16]), SeqCheck::JumpTooFar);
         assert_eq!(guard.check(&id, 1004, [5; 16]), SeqCheck::New { gap: 999 });
     }
@@ -103,7 +117,13 @@ mod tests {
         let mut guard = ReplayGuard::new(10);
         let id: Arc<str> = Arc::from("d");
         let recent = VecDeque::from([(7, [7; 16])]);
-        guard.restore(id.clone(), SeqState { highest_seq: 7, recent });
+        guard.restore(
+            id.clone(),
+            SeqState {
+                highest_seq: 7,
+                recent,
+            },
+        );
         assert_eq!(guard.check(&id, 7, [7; 16]), SeqCheck::Resend);
         assert_eq!(guard.check(&id, 6, [6; 16]), SeqCheck::Replay);
     }

@@ -38,22 +38,34 @@ use crate::verifier::{VerifierPool, VerifierSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("device {device_id} cannot be enrolled: {reason}")]
     InvalidEnrollment { device_id: String, reason: String },
     #[error("cannot start the {name} thread: {source}")]
-    Thread { name: &'static str, source: std::io::Error },
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot listen for MQTT on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(
         "MQTT listener {address} is not loopback and no TLS certificate is configured; \
          set `allow_plaintext = true` to accept plaintext logins from the network"
     )]
     PlaintextRefused { address: SocketAddr },
     #[error("invalid setting `{setting}`: {reason}")]
-    Config { setting: &'static str, reason: String },
+    Config {
+        setting: &'static str,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -131,7 +143,9 @@ impl Ingest {
         recovered: RecoveredState,
         wal: WalSender,
     ) -> Result<Self> {
-        let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let metrics = Arc::new(IngestMetrics::new());
         let registry = Arc::new(DeviceRegistry::open(data_dir)?);
         let nonces = NonceCache::open(data_dir, now_unix_s())?;
@@ -139,7 +153,11 @@ impl Ingest {
 
         let verifier = VerifierPool::start(
             &VerifierSettings {
-                threads: if config.verifier_threads == 0 { cores } else { config.verifier_threads },
+                threads: if config.verifier_threads == 0 {
+                    cores
+                } else {
+                    config.verifier_threads
+                },
                 max_batch: config.verifier_max_batch,
                 queue_capacity: config.verifier_queue_capacity,
                 max_seq_jump: config.max_seq_jump,
@@ -167,19 +185,34 @@ impl Ingest {
         });
 
         if !config.mqtt_listen.ip().is_loopback() && !config.allow_plaintext {
-            return Err(Error::PlaintextRefused { address: config.mqtt_listen });
+            return Err(Error::PlaintextRefused {
+                address: config.mqtt_listen,
+            });
         }
-        let listener = TcpListener::bind(config.mqtt_listen)
-            .map_err(|source| Error::Listen { address: config.mqtt_listen, source })?;
-        let mqtt_address = listener
-            .local_addr()
-            .map_err(|source| Error::Listen { address: config.mqtt_listen, source })?;
-        let workers = if config.mqtt_workers == 0 { cores } else { config.mqtt_workers };
+        let listener = TcpListener::bind(config.mqtt_listen).map_err(|source| Error::Listen {
+            address: config.mqtt_listen,
+            source,
+        })?;
+        let mqtt_address = listener.local_addr().map_err(|source| Error::Listen {
+            address: config.mqtt_listen,
+            source,
+        })?;
+        let workers = if config.mqtt_workers == 0 {
+            cores
+        } else {
+            config.mqtt_workers
+        };
         let mqtt_server = start_mqtt(listener, workers, context)?;
         tracing::info!(address = %mqtt_address, workers, "mqtt listener started");
 
         let mqtt_server = parking_lot::Mutex::new(mqtt_server);
-        Ok(Self { registry, sessions, metrics, mqtt_address, mqtt_server })
+        Ok(Self {
+            registry,
+            sessions,
+            metrics,
+            mqtt_address,
+            mqtt_server,
+        })
     }
 
     /// The address the MQTT listener is bound to.
@@ -190,12 +223,22 @@ impl Ingest {
     /// Quarantines a device: durable status first, then its live session is closed after a
     /// notice. Returns `None` for an unknown device.
     pub fn quarantine(&self, device_id: &str, reason: &str) -> Result<Option<Arc<DeviceEntry>>> {
-        let entry = self.registry.set_status(device_id, DeviceStatus::Quarantined)?;
+        let entry = self
+            .registry
+            .set_status(device_id, DeviceStatus::Quarantined)?;
         if entry.is_some() {
-            let closed = self
-                .sessions
-                .close(device_id, CloseOrder::Quarantined { reason: reason.to_owned() });
-            tracing::info!(device_id, reason, session_closed = closed, "device quarantined");
+            let closed = self.sessions.close(
+                device_id,
+                CloseOrder::Quarantined {
+                    reason: reason.to_owned(),
+                },
+            );
+            tracing::info!(
+                device_id,
+                reason,
+                session_closed = closed,
+                "device quarantined"
+            );
         }
         Ok(entry)
     }
@@ -249,11 +292,17 @@ fn start_mqtt(
                 }
             });
         })
-        .map_err(|source| Error::Thread { name: "mqtt", source })?;
+        .map_err(|source| Error::Thread {
+            name: "mqtt",
+            source,
+        })?;
 
     match server.recv() {
         Ok(Ok(server)) => Ok(server),
-        Ok(Err(source)) => Err(Error::Thread { name: "mqtt", source }),
+        Ok(Err(source)) => Err(Error::Thread {
+            name: "mqtt",
+            source,
+        }),
         Err(_) => Err(Error::Thread {
             name: "mqtt",
             source: std::io::Error::other("mqtt thread ended during start-up"),
@@ -263,10 +312,16 @@ fn start_mqtt(
 
 /// Milliseconds since the Unix epoch, by the server's clock.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the Unix epoch, by the server's clock.
 pub fn now_unix_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

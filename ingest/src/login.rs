@@ -65,8 +65,16 @@ pub struct LoginChecker {
 }
 
 impl LoginChecker {
-    pub fn new(registry: Arc<DeviceRegistry>, nonces: NonceCache, max_token_lifetime_s: u64) -> Self {
-        Self { registry, nonces, max_token_lifetime_s }
+    pub fn new(
+        registry: Arc<DeviceRegistry>,
+        nonces: NonceCache,
+        max_token_lifetime_s: u64,
+    ) -> Self {
+        Self {
+            registry,
+            nonces,
+            max_token_lifetime_s,
+        }
     }
 
     /// Admits `client_id` when username and token match the contract, at time `now_unix_s`.
@@ -83,7 +91,10 @@ impl LoginChecker {
         if username != client_id {
             return Err(LoginRefusal::IdentityMismatch);
         }
-        let device = self.registry.get(client_id).ok_or(LoginRefusal::UnknownDevice)?;
+        let device = self
+            .registry
+            .get(client_id)
+            .ok_or(LoginRefusal::UnknownDevice)?;
 
         let token = std::str::from_utf8(password).map_err(|_| LoginRefusal::MalformedToken)?;
         let token = LoginToken::parse(token).map_err(|_| LoginRefusal::MalformedToken)?;
@@ -93,12 +104,17 @@ impl LoginChecker {
         if token.expires_unix_s - now_unix_s > self.max_token_lifetime_s {
             return Err(LoginRefusal::LifetimeTooLong);
         }
-        token.verify(client_id, &device.key).map_err(|_| LoginRefusal::BadSignature)?;
+        token
+            .verify(client_id, &device.key)
+            .map_err(|_| LoginRefusal::BadSignature)?;
 
         if device.is_quarantined() {
             return Err(LoginRefusal::Quarantined);
         }
-        match self.nonces.check_and_insert(token.nonce, token.expires_unix_s, now_unix_s) {
+        match self
+            .nonces
+            .check_and_insert(token.nonce, token.expires_unix_s, now_unix_s)
+        {
             Ok(NonceCheck::Fresh) => Ok(device),
             Ok(NonceCheck::Reused) => Err(LoginRefusal::NonceReused),
             Err(error) => {
@@ -133,7 +149,9 @@ mod tests {
     }
 
     fn login(checker: &LoginChecker, id: &str, token: &str) -> Result<(), LoginRefusal> {
-        checker.check(id, Some(id), Some(token.as_bytes()), NOW).map(|_| ())
+        checker
+            .check(id, Some(id), Some(token.as_bytes()), NOW)
+            .map(|_| ())
     }
 
     #[test]
@@ -143,22 +161,42 @@ mod tests {
         let token = make_login_token(&key, "dev-1", NOW + 60, [1; 16]);
 
         assert_eq!(login(&checker, "dev-1", &token), Ok(()));
-        assert_eq!(login(&checker, "dev-1", &token), Err(LoginRefusal::NonceReused));
+        assert_eq!(
+            login(&checker, "dev-1", &token),
+            Err(LoginRefusal::NonceReused)
+        );
 
         let expired = make_login_token(&key, "dev-1", NOW - 1, [2; 16]);
-        assert_eq!(login(&checker, "dev-1", &expired), Err(LoginRefusal::Expired));
+        assert_eq!(
+            login(&checker, "dev-1", &expired),
+            Err(LoginRefusal::Expired)
+        );
 
         let too_long = make_login_token(&key, "dev-1", NOW + 6000, [3; 16]);
-        assert_eq!(login(&checker, "dev-1", &too_long), Err(LoginRefusal::LifetimeTooLong));
+        assert_eq!(
+            login(&checker, "dev-1", &too_long),
+            Err(LoginRefusal::LifetimeTooLong)
+        );
 
         let other_key = SigningKey::from_bytes(&[8; 32]);
         let forged = make_login_token(&other_key, "dev-1", NOW + 60, [4; 16]);
-        assert_eq!(login(&checker, "dev-1", &forged), Err(LoginRefusal::BadSignature));
-
-        assert_eq!(login(&checker, "dev-2", &token), Err(LoginRefusal::UnknownDevice));
-        assert_eq!(login(&checker, "dev-1", "v1.x"), Err(LoginRefusal::MalformedToken));
         assert_eq!(
-            checker.check("dev-1", Some("dev-2"), Some(token.as_bytes()), NOW).map(|_| ()),
+            login(&checker, "dev-1", &forged),
+            Err(LoginRefusal::BadSignature)
+        );
+
+        assert_eq!(
+            login(&checker, "dev-2", &token),
+            Err(LoginRefusal::UnknownDevice)
+        );
+        assert_eq!(
+            login(&checker, "dev-1", "v1.x"),
+            Err(LoginRefusal::MalformedToken)
+        );
+        assert_eq!(
+            checker
+                .check("dev-1", Some("dev-2"), Some(token.as_bytes()), NOW)
+                .map(|_| ()),
             Err(LoginRefusal::IdentityMismatch)
         );
         assert_eq!(
@@ -171,8 +209,16 @@ mod tests {
     fn a_forged_token_does_not_burn_the_nonce() {
         let dir = tempfile::tempdir().unwrap();
         let (checker, key) = checker(dir.path());
-        let forged = make_login_token(&SigningKey::from_bytes(&[8; 32]), "dev-1", NOW + 60, [5; 16]);
-        assert_eq!(login(&checker, "dev-1", &forged), Err(LoginRefusal::BadSignature));
+        let forged = make_login_token(
+            &SigningKey::from_bytes(&[8; 32]),
+            "dev-1",
+            NOW + 60,
+            [5; 16],
+        );
+        assert_eq!(
+            login(&checker, "dev-1", &forged),
+            Err(LoginRefusal::BadSignature)
+        );
         let genuine = make_login_token(&key, "dev-1", NOW + 60, [5; 16]);
         assert_eq!(login(&checker, "dev-1", &genuine), Ok(()));
     }

@@ -54,37 +54,101 @@ impl IngestMetrics {
 
         // Every label is present from the start, so dashboards and tests see zeros, not gaps.
         for reason in RefusalReason::ALL {
-            drop(metrics.readings_refused.get_or_create(&ReasonLabel { reason: reason.as_str() }));
+            drop(metrics.readings_refused.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
         }
         for reason in LoginRefusal::ALL {
-            drop(metrics.logins_refused.get_or_create(&ReasonLabel { reason: reason.as_str() }));
+            drop(metrics.logins_refused.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
         }
         metrics
     }
 
     pub fn refused(&self, reason: RefusalReason) {
-        self.readings_refused.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+        self.readings_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     pub fn login_refused(&self, reason: LoginRefusal) {
-        self.logins_refused.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+        self.logins_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     pub fn register(&self, registry: &mut Registry) {
         let ingest = registry.sub_registry_with_prefix("vigil_ingest");
-        ingest.register("readings_accepted", "Readings verified and stored", self.readings_accepted.clone());
-        ingest.register("readings_resent", "Exact re-sends acknowledged again, stored once", self.readings_resent.clone());
-        ingest.register("readings_refused", "Published messages refused, by reason", self.readings_refused.clone());
-        ingest.register("seq_gaps", "Sequence numbers skipped by devices", self.seq_gaps.clone());
-        ingest.register("logins_accepted", "Logins admitted", self.logins_accepted.clone());
-        ingest.register("logins_refused", "Logins refused, by reason", self.logins_refused.clone());
-        ingest.register("sessions_replaced", "Live sessions replaced by a new login of the same device", self.sessions_replaced.clone());
-        ingest.register("subscriptions_refused", "Subscriptions outside the device's notices topic", self.subscriptions_refused.clone());
-        ingest.register("connected_devices", "Devices with a live MQTT session", self.connected_devices.clone());
-        ingest.register("verify_batch_size", "Readings per signature verification batch", self.verify_batch_size.clone());
-        ingest.register("verifier_queue_depth", "Readings waiting for a verifier thread", self.verifier_queue_depth.clone());
-        ingest.register("puback_latency_seconds", "From a publish's arrival to its PUBACK", self.puback_latency_seconds.clone());
-        ingest.register("rejections_dropped", "Refusal records not stored because the queue was full", self.rejections_dropped.clone());
+        ingest.register(
+            "readings_accepted",
+            "Readings verified and stored",
+            self.readings_accepted.clone(),
+        );
+        ingest.register(
+            "readings_resent",
+            "Exact re-sends acknowledged again, stored once",
+            self.readings_resent.clone(),
+        );
+        ingest.register(
+            "readings_refused",
+            "Published messages refused, by reason",
+            self.readings_refused.clone(),
+        );
+        ingest.register(
+            "seq_gaps",
+            "Sequence numbers skipped by devices",
+            self.seq_gaps.clone(),
+        );
+        ingest.register(
+            "logins_accepted",
+            "Logins admitted",
+            self.logins_accepted.clone(),
+        );
+        ingest.register(
+            "logins_refused",
+            "Logins refused, by reason",
+            self.logins_refused.clone(),
+        );
+        ingest.register(
+            "sessions_replaced",
+            "Live sessions replaced by a new login of the same device",
+            self.sessions_replaced.clone(),
+        );
+        ingest.register(
+            "subscriptions_refused",
+            "Subscriptions outside the device's notices topic",
+            self.subscriptions_refused.clone(),
+        );
+        ingest.register(
+            "connected_devices",
+            "Devices with a live MQTT session",
+            self.connected_devices.clone(),
+        );
+        ingest.register(
+            "verify_batch_size",
+            "Readings per signature verification batch",
+            self.verify_batch_size.clone(),
+        );
+        ingest.register(
+            "verifier_queue_depth",
+            "Readings waiting for a verifier thread",
+            self.verifier_queue_depth.clone(),
+        );
+        ingest.register(
+            "puback_latency_seconds",
+            "From a publish's arrival to its PUBACK",
+            self.puback_latency_seconds.clone(),
+        );
+        ingest.register(
+            "rejections_dropped",
+            "Refusal records not stored because the queue was full",
+            self.rejections_dropped.clone(),
+        );
     }
 }
 

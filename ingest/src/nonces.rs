@@ -45,12 +45,17 @@ pub struct NonceCache {
 impl NonceCache {
     pub fn open(data_dir: &Path, now_unix_s: u64) -> Result<Self> {
         let path = data_dir.join("nonces.log");
-        let io_error = |source| Error::Io { path: path.clone(), source };
+        let io_error = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
 
         let mut seen = HashMap::new();
         if path.exists() {
             let mut bytes = Vec::new();
-            File::open(&path).and_then(|mut file| file.read_to_end(&mut bytes)).map_err(io_error)?;
+            File::open(&path)
+                .and_then(|mut file| file.read_to_end(&mut bytes))
+                .map_err(io_error)?;
             for record in bytes.chunks_exact(RECORD_LEN) {
                 let mut nonce = [0u8; 16];
                 nonce.copy_from_slice(&record[..16]);
@@ -63,23 +68,47 @@ impl NonceCache {
             }
         }
 
-        let compacted: Vec<u8> = seen.iter().flat_map(|(nonce, expires)| encode(nonce, *expires)).collect();
+        let compacted: Vec<u8> = seen
+            .iter()
+            .flat_map(|(nonce, expires)| encode(nonce, *expires))
+            .collect();
         write_atomically(&path, &compacted)?;
-        let log = OpenOptions::new().append(true).open(&path).map_err(io_error)?;
+        let log = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_error)?;
         let records_in_log = seen.len();
 
-        Ok(Self { path, inner: Mutex::new(Inner { seen, log, records_in_log }) })
+        Ok(Self {
+            path,
+            inner: Mutex::new(Inner {
+                seen,
+                log,
+                records_in_log,
+            }),
+        })
     }
 
     /// Records a nonce durably unless it was seen before.
-    pub fn check_and_insert(&self, nonce: [u8; 16], expires_unix_s: u64, now_unix_s: u64) -> Result<NonceCheck> {
+    pub fn check_and_insert(
+        &self,
+        nonce: [u8; 16],
+        expires_unix_s: u64,
+        now_unix_s: u64,
+    ) -> Result<NonceCheck> {
         let mut inner = self.inner.lock();
         if inner.seen.contains_key(&nonce) {
             return Ok(NonceCheck::Reused);
         }
 
-        let io_error = |source| Error::Io { path: self.path.clone(), source };
-        inner.log.write_all(&encode(&nonce, expires_unix_s)).map_err(io_error)?;
+        let io_error = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        inner
+            .log
+            .write_all(&encode(&nonce, expires_unix_s))
+            .map_err(io_error)?;
         inner.log.sync_data().map_err(io_error)?;
         inner.seen.insert(nonce, expires_unix_s);
         inner.records_in_log += 1;
@@ -115,14 +144,30 @@ mod tests {
     fn nonces_are_single_use_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let cache = NonceCache::open(dir.path(), 100).unwrap();
-        assert_eq!(cache.check_and_insert([1; 16], 200, 100).unwrap(), NonceCheck::Fresh);
-        assert_eq!(cache.check_and_insert([1; 16], 200, 100).unwrap(), NonceCheck::Reused);
-        assert_eq!(cache.check_and_insert([2; 16], 150, 100).unwrap(), NonceCheck::Fresh);
+        assert_eq!(
+            cache.check_and_insert([1; 16], 200, 100).unwrap(),
+            NonceCheck::Fresh
+        );
+        assert_eq!(
+            cache.check_and_insert([1; 16], 200, 100).unwrap(),
+            NonceCheck::Reused
+        );
+        assert_eq!(
+            cache.check_and_insert([2; 16], 150, 100).unwrap(),
+            NonceCheck::Fresh
+        );
         drop(cache);
 
         let reopened = NonceCache::open(dir.path(), 160).unwrap();
-        assert_eq!(reopened.len(), 1, "the nonce that expired at 150 is dropped");
-        assert_eq!(reopened.check_and_insert([1; 16], 200, 160).unwrap(), NonceCheck::Reused);
+        assert_eq!(
+            reopened.len(),
+            1,
+            "the nonce that expired at 150 is dropped"
+        );
+        assert_eq!(
+            reopened.check_and_insert([1; 16], 200, 160).unwrap(),
+            NonceCheck::Reused
+        );
     }
 
     #[test]
@@ -131,7 +176,10 @@ mod tests {
         let cache = NonceCache::open(dir.path(), 100).unwrap();
         cache.check_and_insert([1; 16], 200, 100).unwrap();
         drop(cache);
-        let mut log = OpenOptions::new().append(true).open(dir.path().join("nonces.log")).unwrap();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("nonces.log"))
+            .unwrap();
         log.write_all(&[9; 10]).unwrap();
         drop(log);
 

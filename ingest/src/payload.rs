@@ -37,35 +37,60 @@ pub fn check_payload(
     now_ms: i64,
     max_clock_skew_ms: i64,
 ) -> Result<CheckedPayload, (RefusalReason, String)> {
-    let signed = SignedReading::decode(payload)
-        .map_err(|error| (RefusalReason::Malformed, format!("not a SignedReading: {error}")))?;
+    let signed = SignedReading::decode(payload).map_err(|error| {
+        (
+            RefusalReason::Malformed,
+            format!("not a SignedReading: {error}"),
+        )
+    })?;
     let signature: [u8; 64] = signed.signature.as_slice().try_into().map_err(|_| {
-        (RefusalReason::Malformed, format!("signature is {} bytes, not 64", signed.signature.len()))
+        (
+            RefusalReason::Malformed,
+            format!("signature is {} bytes, not 64", signed.signature.len()),
+        )
     })?;
     let reading = Reading::decode(signed.reading.as_slice())
         .map_err(|error| (RefusalReason::Malformed, format!("not a Reading: {error}")))?;
 
     if reading.device_id != topic_device_id {
-        return Err((RefusalReason::DeviceMismatch, "reading names another device".to_owned()));
+        return Err((
+            RefusalReason::DeviceMismatch,
+            "reading names another device".to_owned(),
+        ));
     }
     if reading.seq == 0 {
         return Err((RefusalReason::Malformed, "seq starts at 1".to_owned()));
     }
     if reading.measurements.is_empty() {
-        return Err((RefusalReason::NoMeasurement, "reading carries no measurement".to_owned()));
+        return Err((
+            RefusalReason::NoMeasurement,
+            "reading carries no measurement".to_owned(),
+        ));
     }
     if reading.measurements.len() > MAX_MEASUREMENTS {
-        return Err((RefusalReason::Malformed, format!("more than {MAX_MEASUREMENTS} measurements")));
+        return Err((
+            RefusalReason::Malformed,
+            format!("more than {MAX_MEASUREMENTS} measurements"),
+        ));
     }
     for measurement in &reading.measurements {
         if !is_valid_metric(&measurement.metric) {
-            return Err((RefusalReason::Malformed, "metric name is not lowercase a-z 0-9 _".to_owned()));
+            return Err((
+                RefusalReason::Malformed,
+                "metric name is not lowercase a-z 0-9 _".to_owned(),
+            ));
         }
         if !measurement.value.is_finite() {
-            return Err((RefusalReason::Malformed, "value is not a finite number".to_owned()));
+            return Err((
+                RefusalReason::Malformed,
+                "value is not a finite number".to_owned(),
+            ));
         }
     }
-    let skew = reading.sampled_at_ms.saturating_sub(now_ms).saturating_abs();
+    let skew = reading
+        .sampled_at_ms
+        .saturating_sub(now_ms)
+        .saturating_abs();
     if skew > max_clock_skew_ms {
         return Err((
             RefusalReason::ImplausibleTime,
@@ -78,14 +103,20 @@ pub fn check_payload(
         signature,
         seq: reading.seq,
         sampled_at_ms: reading.sampled_at_ms,
-        measurements: reading.measurements.into_iter().map(|m| (m.metric, m.value)).collect(),
+        measurements: reading
+            .measurements
+            .into_iter()
+            .map(|m| (m.metric, m.value))
+            .collect(),
     })
 }
 
 fn is_valid_metric(metric: &str) -> bool {
     !metric.is_empty()
         && metric.len() <= MAX_METRIC_LEN
-        && metric.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && metric
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]
@@ -104,7 +135,10 @@ mod tests {
             device_id: "d".into(),
             seq: 1,
             sampled_at_ms: 1_000,
-            measurements: vec![Measurement { metric: metric.into(), value }],
+            measurements: vec![Measurement {
+                metric: metric.into(),
+                value,
+            }],
         }
     }
 
@@ -122,20 +156,44 @@ mod tests {
     #[test]
     fn each_defect_is_named() {
         let check = |bytes: &[u8], topic: &str| check_payload(bytes, topic, 1_000, 10);
-        assert_eq!(reason(check(b"\xff\xff\xff", "d")), RefusalReason::Malformed);
-        assert_eq!(reason(check(&payload(&reading("x", 1.0)), "e")), RefusalReason::DeviceMismatch);
-        assert_eq!(reason(check(&payload(&reading("X", 1.0)), "d")), RefusalReason::Malformed);
-        assert_eq!(reason(check(&payload(&reading("x", f64::NAN)), "d")), RefusalReason::Malformed);
+        assert_eq!(
+            reason(check(b"\xff\xff\xff", "d")),
+            RefusalReason::Malformed
+        );
+        assert_eq!(
+            reason(check(&payload(&reading("x", 1.0)), "e")),
+            RefusalReason::DeviceMismatch
+        );
+        assert_eq!(
+            reason(check(&payload(&reading("X", 1.0)), "d")),
+            RefusalReason::Malformed
+        );
+        assert_eq!(
+            reason(check(&payload(&reading("x", f64::NAN)), "d")),
+            RefusalReason::Malformed
+        );
 
         let mut empty = reading("x", 1.0);
         empty.measurements.clear();
-        assert_eq!(reason(check(&payload(&empty), "d")), RefusalReason::NoMeasurement);
+        assert_eq!(
+            reason(check(&payload(&empty), "d")),
+            RefusalReason::NoMeasurement
+        );
 
         let mut late = reading("x", 1.0);
         late.sampled_at_ms = 1_000_000;
-        assert_eq!(reason(check(&payload(&late), "d")), RefusalReason::ImplausibleTime);
+        assert_eq!(
+            reason(check(&payload(&late), "d")),
+            RefusalReason::ImplausibleTime
+        );
 
-        let short_signature = SignedReading { reading: vec![], signature: vec![1; 10] };
-        assert_eq!(reason(check(&short_signature.encode_to_vec(), "d")), RefusalReason::Malformed);
+        let short_signature = SignedReading {
+            reading: vec![],
+            signature: vec![1; 10],
+        };
+        assert_eq!(
+            reason(check(&short_signature.encode_to_vec(), "d")),
+            RefusalReason::Malformed
+        );
     }
 }

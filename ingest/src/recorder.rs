@@ -25,7 +25,8 @@ pub struct RejectionRecorder {
 
 impl RejectionRecorder {
     pub fn start(wal: WalSender, capacity: usize, metrics: Arc<IngestMetrics>) -> Result<Self> {
-        let (queue, mut receiver) = mpsc::channel::<(Rejection, Option<Completion>)>(capacity.max(1));
+        let (queue, mut receiver) =
+            mpsc::channel::<(Rejection, Option<Completion>)>(capacity.max(1));
 
         thread::Builder::new()
             .name("vigil-rejections".into())
@@ -48,7 +49,10 @@ impl RejectionRecorder {
                     }
                 }
             })
-            .map_err(|source| Error::Thread { name: "rejection recorder", source })?;
+            .map_err(|source| Error::Thread {
+                name: "rejection recorder",
+                source,
+            })?;
 
         Ok(Self { queue, metrics })
     }

@@ -125,15 +125,21 @@ impl DeviceRegistry {
         let mut devices = HashMap::new();
 
         if path.exists() {
-            let text = fs::read_to_string(&path)
-                .map_err(|source| Error::Io { path: path.clone(), source })?;
-            let stored: Vec<StoredDevice> = serde_json::from_str(&text).map_err(|source| {
-                Error::Corrupt { path: path.clone(), detail: source.to_string() }
+            let text = fs::read_to_string(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
             })?;
-            for device in stored {
-                let key = strong_public_key(&device.public_key_hex).map_err(|weak| {
-                    Error::Corrupt { path: path.clone(), detail: format!("{}: {weak}", device.device_id) }
+            let stored: Vec<StoredDevice> =
+                serde_json::from_str(&text).map_err(|source| Error::Corrupt {
+                    path: path.clone(),
+                    detail: source.to_string(),
                 })?;
+            for device in stored {
+                let key =
+                    strong_public_key(&device.public_key_hex).map_err(|weak| Error::Corrupt {
+                        path: path.clone(),
+                        detail: format!("{}: {weak}", device.device_id),
+                    })?;
                 let entry = DeviceEntry {
                     id: Arc::from(device.device_id.as_str()),
                     class: device.class,
@@ -146,7 +152,11 @@ impl DeviceRegistry {
             }
         }
 
-        Ok(Self { path, devices: RwLock::new(devices), write_lock: Mutex::new(()) })
+        Ok(Self {
+            path,
+            devices: RwLock::new(devices),
+            write_lock: Mutex::new(()),
+        })
     }
 
     pub fn get(&self, device_id: &str) -> Option<Arc<DeviceEntry>> {
@@ -195,9 +205,15 @@ impl DeviceRegistry {
                     });
                 }
                 let key = strong_public_key(&enrollment.public_key_hex).map_err(|weak| {
-                    Error::InvalidEnrollment { device_id: id.to_owned(), reason: weak.to_string() }
+                    Error::InvalidEnrollment {
+                        device_id: id.to_owned(),
+                        reason: weak.to_string(),
+                    }
                 })?;
-                let class = enrollment.class.clone().unwrap_or_else(|| DEFAULT_CLASS.to_owned());
+                let class = enrollment
+                    .class
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CLASS.to_owned());
                 if !is_valid_class(&class) {
                     return Err(Error::InvalidEnrollment {
                         device_id: id.to_owned(),
@@ -253,7 +269,9 @@ impl DeviceRegistry {
         let previous_changed = entry.status_changed_at_ms.swap(now_ms(), Ordering::AcqRel);
         if let Err(error) = self.persist(&self.devices.read()) {
             entry.status.store(previous, Ordering::Release);
-            entry.status_changed_at_ms.store(previous_changed, Ordering::Release);
+            entry
+                .status_changed_at_ms
+                .store(previous_changed, Ordering::Release);
             return Err(error);
         }
         Ok(Some(entry))
@@ -283,7 +301,10 @@ impl DeviceRegistry {
 
 /// Writes `bytes` to `path` so that a crash leaves the old or the new content, never a mix.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io_error = |source| Error::Io { path: path.to_owned(), source };
+    let io_error = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
     let temporary = path.with_extension("tmp");
 
     let mut file = fs::File::create(&temporary).map_err(io_error)?;
@@ -291,7 +312,9 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     file.sync_all().map_err(io_error)?;
     fs::rename(&temporary, path).map_err(io_error)?;
     if let Some(parent) = path.parent() {
-        fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(io_error)?;
+        fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error)?;
     }
     Ok(())
 }
@@ -299,12 +322,17 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 fn is_valid_class(class: &str) -> bool {
     !class.is_empty()
         && class.len() <= 64
-        && class.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && class
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Attacker-supplied text shortened for an error message; it stays data, never markup.
 pub(crate) fn truncate_for_display(text: &str) -> String {
-    text.chars().take(80).flat_map(char::escape_default).collect()
+    text.chars()
+        .take(80)
+        .flat_map(char::escape_default)
+        .collect()
 }
 
 #[cfg(test)]
@@ -325,7 +353,12 @@ mod tests {
     fn enrollment_is_durable_and_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let registry = DeviceRegistry::open(dir.path()).unwrap();
-        assert_eq!(registry.enroll(&[enrollment("a", 1), enrollment("b", 2)]).unwrap(), 2);
+        assert_eq!(
+            registry
+                .enroll(&[enrollment("a", 1), enrollment("b", 2)])
+                .unwrap(),
+            2
+        );
         assert_eq!(registry.enroll(&[enrollment("a", 1)]).unwrap(), 0);
         registry.set_status("b", DeviceStatus::Quarantined).unwrap();
 

@@ -44,7 +44,10 @@ impl SessionTable {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let (close, receiver) = oneshot::channel();
 
-        let previous = self.live.lock().insert(device_id.clone(), LiveSession { generation, close });
+        let previous = self
+            .live
+            .lock()
+            .insert(device_id.clone(), LiveSession { generation, close });
         let replaced = match previous {
             // The old session may be closing already; then nobody reads the order.
             Some(old) => old.close.send(CloseOrder::Replaced).is_ok(),
@@ -56,7 +59,10 @@ impl SessionTable {
     /// Forgets a session that ended, unless a newer one took its place.
     pub fn closed(&self, device_id: &str, generation: u64) {
         let mut live = self.live.lock();
-        if live.get(device_id).is_some_and(|session| session.generation == generation) {
+        if live
+            .get(device_id)
+            .is_some_and(|session| session.generation == generation)
+        {
             live.remove(device_id);
         }
     }
@@ -97,7 +103,10 @@ mod tests {
         assert_eq!(first_close.try_recv().unwrap(), CloseOrder::Replaced);
 
         table.closed("d", first);
-        assert!(table.is_connected("d"), "the old session's end keeps the new one");
+        assert!(
+            table.is_connected("d"),
+            "the old session's end keeps the new one"
+        );
         table.closed("d", second);
         assert!(!table.is_connected("d"));
     }

@@ -20,7 +20,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
 use vigil_proto::contract::READING_CONTEXT;
 use vigil_proto::has_weak_r;
-use vigil_store::{AcceptedReading, Completion, Rejection, RecoveredState, WalEntry, WalSender};
+use vigil_store::{AcceptedReading, Completion, RecoveredState, Rejection, WalEntry, WalSender};
 
 use crate::guard::{ReplayGuard, SeqCheck};
 use crate::metrics::IngestMetrics;
@@ -79,8 +79,9 @@ impl VerifierPool {
         let threads = settings.threads.max(1);
         let hasher = std::collections::hash_map::RandomState::new();
 
-        let mut guards: Vec<ReplayGuard> =
-            (0..threads).map(|_| ReplayGuard::new(settings.max_seq_jump)).collect();
+        let mut guards: Vec<ReplayGuard> = (0..threads)
+            .map(|_| ReplayGuard::new(settings.max_seq_jump))
+            .collect();
         for (device_id, state) in recovered.devices {
             let shard = shard_of(&hasher, &device_id, threads);
             guards[shard].restore(Arc::from(device_id.as_str()), state);
@@ -99,11 +100,17 @@ impl VerifierPool {
             thread::Builder::new()
                 .name(format!("vigil-verify-{index}"))
                 .spawn(move || worker.run())
-                .map_err(|source| Error::Thread { name: "verifier", source })?;
+                .map_err(|source| Error::Thread {
+                    name: "verifier",
+                    source,
+                })?;
             shards.push(sender);
         }
 
-        Ok(Self { shards: shards.into(), hasher })
+        Ok(Self {
+            shards: shards.into(),
+            hasher,
+        })
     }
 
     /// Queues a reading on its device's shard; waits while the shard's queue is full.
@@ -114,7 +121,10 @@ impl VerifierPool {
 
     /// Readings waiting in all shard queues.
     pub fn queue_depth(&self) -> usize {
-        self.shards.iter().map(|shard| shard.max_capacity() - shard.capacity()).sum()
+        self.shards
+            .iter()
+            .map(|shard| shard.max_capacity() - shard.capacity())
+            .sum()
     }
 }
 
@@ -146,7 +156,9 @@ impl ShardWorker {
                 }
             }
             self.metrics.verify_batch_size.observe(batch.len() as f64);
-            self.metrics.verifier_queue_depth.set(self.receiver.len() as i64);
+            self.metrics
+                .verifier_queue_depth
+                .set(self.receiver.len() as i64);
 
             let valid = scratch.verify(&batch);
             self.decide_and_store(&mut batch, &valid);
@@ -252,19 +264,25 @@ impl SignatureScratch {
             self.messages.extend_from_slice(READING_CONTEXT);
             self.messages.extend_from_slice(&job.payload.reading_bytes);
             self.bounds.push((start, self.messages.len()));
-            self.signatures.push(Signature::from_bytes(&job.payload.signature));
+            self.signatures
+                .push(Signature::from_bytes(&job.payload.signature));
             self.keys.push(job.device.key);
             self.positions.push(position);
         }
 
-        let messages: Vec<&[u8]> =
-            self.bounds.iter().map(|&(start, end)| &self.messages[start..end]).collect();
+        let messages: Vec<&[u8]> = self
+            .bounds
+            .iter()
+            .map(|&(start, end)| &self.messages[start..end])
+            .collect();
         let batch_ok = messages.len() >= MIN_BATCH
             && ed25519_dalek::verify_batch(&messages, &self.signatures, &self.keys).is_ok();
 
         for (index, &position) in self.positions.iter().enumerate() {
             valid[position] = batch_ok
-                || self.keys[index].verify_strict(messages[index], &self.signatures[index]).is_ok();
+                || self.keys[index]
+                    .verify_strict(messages[index], &self.signatures[index])
+                    .is_ok();
         }
         valid
     }

@@ -64,7 +64,9 @@ impl std::fmt::Display for DeviceId {
 pub fn is_valid_device_id(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= MAX_DEVICE_ID_LEN
-        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The topic a device publishes its readings to.
@@ -79,7 +81,9 @@ pub fn notices_topic(device_id: &str) -> String {
 
 /// The device id named by a readings topic, if the topic has exactly that shape.
 pub fn device_id_from_readings_topic(topic: &str) -> Option<&str> {
-    let id = topic.strip_prefix(TOPIC_PREFIX)?.strip_suffix("/readings")?;
+    let id = topic
+        .strip_prefix(TOPIC_PREFIX)?
+        .strip_suffix("/readings")?;
     is_valid_device_id(id).then_some(id)
 }
 
@@ -93,7 +97,10 @@ pub fn make_login_token(
     let expires = expires_unix_s.to_string();
     let nonce = URL_SAFE_NO_PAD.encode(nonce);
     let signature = key.sign(login_signed_text(device_id, &expires, &nonce).as_bytes());
-    format!("v1.{expires}.{nonce}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+    format!(
+        "v1.{expires}.{nonce}.{}",
+        URL_SAFE_NO_PAD.encode(signature.to_bytes())
+    )
 }
 
 /// Builds a login token with a random nonce, valid for `lifetime_s` seconds from `now_unix_s`.
@@ -125,27 +132,38 @@ impl<'a> LoginToken<'a> {
     /// Parses a token, refusing every non-canonical spelling.
     pub fn parse(token: &'a str) -> Result<Self, ContractError> {
         let mut parts = token.split('.');
-        let (Some(version), Some(expires_text), Some(nonce_text), Some(signature_text), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(ContractError::MalformedToken("expected four dot-separated fields"));
+        let (Some(version), Some(expires_text), Some(nonce_text), Some(signature_text), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(ContractError::MalformedToken(
+                "expected four dot-separated fields",
+            ));
         };
         if version != "v1" {
             return Err(ContractError::MalformedToken("unknown version"));
         }
 
-        let expires_unix_s = parse_canonical_decimal(expires_text)
-            .ok_or(ContractError::MalformedToken("expiry is not canonical decimal"))?;
+        let expires_unix_s = parse_canonical_decimal(expires_text).ok_or(
+            ContractError::MalformedToken("expiry is not canonical decimal"),
+        )?;
         if nonce_text.len() != NONCE_TEXT_LEN {
             return Err(ContractError::MalformedToken("nonce is not 22 characters"));
         }
-        let nonce: [u8; NONCE_LEN] = decode_canonical(nonce_text)
-            .ok_or(ContractError::MalformedToken("nonce is not canonical base64url"))?;
+        let nonce: [u8; NONCE_LEN] = decode_canonical(nonce_text).ok_or(
+            ContractError::MalformedToken("nonce is not canonical base64url"),
+        )?;
         if signature_text.len() != SIGNATURE_TEXT_LEN {
-            return Err(ContractError::MalformedToken("signature is not 86 characters"));
+            return Err(ContractError::MalformedToken(
+                "signature is not 86 characters",
+            ));
         }
-        let signature: [u8; 64] = decode_canonical(signature_text)
-            .ok_or(ContractError::MalformedToken("signature is not canonical base64url"))?;
+        let signature: [u8; 64] = decode_canonical(signature_text).ok_or(
+            ContractError::MalformedToken("signature is not canonical base64url"),
+        )?;
 
         Ok(Self {
             expires_text,
@@ -192,7 +210,10 @@ pub fn reading_signing_message(reading_bytes: &[u8]) -> Vec<u8> {
 pub fn sign_reading(key: &SigningKey, reading: &Reading) -> SignedReading {
     let reading_bytes = reading.encode_to_vec();
     let signature = key.sign(&reading_signing_message(&reading_bytes));
-    SignedReading { reading: reading_bytes, signature: signature.to_bytes().to_vec() }
+    SignedReading {
+        reading: reading_bytes,
+        signature: signature.to_bytes().to_vec(),
+    }
 }
 
 #[cfg(test)]
@@ -216,10 +237,22 @@ mod tests {
 
     #[test]
     fn readings_topic_round_trips() {
-        assert_eq!(device_id_from_readings_topic(&readings_topic("d-1")), Some("d-1"));
-        assert_eq!(device_id_from_readings_topic("vigil/v1/devices/+/readings"), None);
-        assert_eq!(device_id_from_readings_topic("vigil/v1/devices/a/b/readings"), None);
-        assert_eq!(device_id_from_readings_topic("vigil/v1/devices/d-1/notices"), None);
+        assert_eq!(
+            device_id_from_readings_topic(&readings_topic("d-1")),
+            Some("d-1")
+        );
+        assert_eq!(
+            device_id_from_readings_topic("vigil/v1/devices/+/readings"),
+            None
+        );
+        assert_eq!(
+            device_id_from_readings_topic("vigil/v1/devices/a/b/readings"),
+            None
+        );
+        assert_eq!(
+            device_id_from_readings_topic("vigil/v1/devices/d-1/notices"),
+            None
+        );
     }
 
     #[test]
@@ -265,6 +298,11 @@ mod tests {
         let signed = sign_reading(&key(), &reading);
         let signature = Signature::from_slice(&signed.signature).unwrap();
         let message = reading_signing_message(&signed.reading);
-        assert!(key().verifying_key().verify_strict(&message, &signature).is_ok());
+        assert!(
+            key()
+                .verifying_key()
+                .verify_strict(&message, &signature)
+                .is_ok()
+        );
     }
 }

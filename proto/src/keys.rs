@@ -32,7 +32,9 @@ pub fn strong_public_key(public_key_hex: &str) -> Result<VerifyingKey, WeakKey> 
         return Err(WeakKey::NonCanonical);
     }
 
-    let point = CompressedEdwardsY(bytes).decompress().ok_or(WeakKey::NotOnCurve)?;
+    let point = CompressedEdwardsY(bytes)
+        .decompress()
+        .ok_or(WeakKey::NotOnCurve)?;
     if point.compress().to_bytes() != bytes {
         return Err(WeakKey::NonCanonical);
     }
@@ -111,7 +113,9 @@ mod tests {
 
     #[test]
     fn mixed_order_key_is_refused() {
-        let honest = SigningKey::from_bytes(&[9; 32]).verifying_key().to_edwards();
+        let honest = SigningKey::from_bytes(&[9; 32])
+            .verifying_key()
+            .to_edwards();
         let mixed = honest + EIGHT_TORSION[1];
         let hex = hex::encode(mixed.compress().to_bytes());
         assert_eq!(strong_public_key(&hex), Err(WeakKey::MixedOrder));

@@ -65,12 +65,27 @@ fn signed_reading_is_reproduced_byte_for_byte() {
     };
 
     let signed = sign_reading(&key, &reading);
-    assert_eq!(hex::encode(&signed.reading), expected["reading_bytes_hex"].as_str().unwrap());
-    assert_eq!(hex::encode(&signed.signature), expected["signature_hex"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&signed.reading),
+        expected["reading_bytes_hex"].as_str().unwrap()
+    );
+    assert_eq!(
+        hex::encode(&signed.signature),
+        expected["signature_hex"].as_str().unwrap()
+    );
     let payload = signed.encode_to_vec();
-    assert_eq!(hex::encode(&payload), expected["signed_reading_payload_hex"].as_str().unwrap());
-    assert_eq!(readings_topic(&reading.device_id), expected["topic"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&payload),
+        expected["signed_reading_payload_hex"].as_str().unwrap()
+    );
+    assert_eq!(
+        readings_topic(&reading.device_id),
+        expected["topic"].as_str().unwrap()
+    );
 
     let decoded = SignedReading::decode(payload.as_slice()).unwrap();
-    assert_eq!(Reading::decode(decoded.reading.as_slice()).unwrap(), reading);
+    assert_eq!(
+        Reading::decode(decoded.reading.as_slice()).unwrap(),
+        reading
+    );
 }

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use rumqttc::v5::mqttbytes::v5::{PubAckReason, Packet as V5Packet};
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
-use rumqttc::v5::{AsyncClient as V5Client, Event as V5Event, EventLoop as V5EventLoop, MqttOptions as V5Options};
+use rumqttc::v5::mqttbytes::v5::{Packet as V5Packet, PubAckReason};
+use rumqttc::v5::{
+    AsyncClient as V5Client, Event as V5Event, EventLoop as V5EventLoop, MqttOptions as V5Options,
+};
 use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
 use vigil_proto::v1::SignedReading;
 use vigil_proto::{make_login_token, sign_reading};
@@ -21,11 +23,15 @@ struct V5Device {
 
 impl V5Device {
     async fn connect(device: &TestDevice, server: &Server) -> Self {
-        let mut options = V5Options::new(&device.id, server.mqtt.ip().to_string(), server.mqtt.port());
+        let mut options =
+            V5Options::new(&device.id, server.mqtt.ip().to_string(), server.mqtt.port());
         options.set_credentials(&device.id, device.token());
         let (client, mut events) = V5Client::new(options, 64);
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.unwrap() {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll())
+                .await
+                .unwrap()
+            {
                 Ok(V5Event::Incoming(V5Packet::ConnAck(_))) => return Self { client, events },
                 Ok(_) => continue,
                 Err(error) => panic!("v5 connect failed: {error}"),
@@ -35,9 +41,15 @@ impl V5Device {
 
     /// Publishes one message and returns the PUBACK's reason code.
     async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> PubAckReason {
-        self.client.publish(topic, V5QoS::AtLeastOnce, false, payload).await.unwrap();
+        self.client
+            .publish(topic, V5QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.events.poll()).await.unwrap() {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.poll())
+                .await
+                .unwrap()
+            {
                 Ok(V5Event::Incoming(V5Packet::PubAck(ack))) => return ack.reason,
                 Ok(_) => continue,
                 Err(error) => panic!("v5 connection failed: {error}"),
@@ -54,15 +66,23 @@ fn refused(error: ConnectionError) -> ConnectReturnCode {
 }
 
 async fn rejection_count(server: &Server, reason: &str) -> i64 {
-    server.sql_count(&format!("SELECT count(*) FROM rejections WHERE reason = '{reason}'")).await
+    server
+        .sql_count(&format!(
+            "SELECT count(*) FROM rejections WHERE reason = '{reason}'"
+        ))
+        .await
 }
 
 fn refused_metric(server: &Server, reason: &str) -> f64 {
-    server.metric(&format!("vigil_ingest_readings_refused_total{{reason=\"{reason}\"}}"))
+    server.metric(&format!(
+        "vigil_ingest_readings_refused_total{{reason=\"{reason}\"}}"
+    ))
 }
 
 fn login_refused_metric(server: &Server, reason: &str) -> f64 {
-    server.metric(&format!("vigil_ingest_logins_refused_total{{reason=\"{reason}\"}}"))
+    server.metric(&format!(
+        "vigil_ingest_logins_refused_total{{reason=\"{reason}\"}}"
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,17 +93,26 @@ async fn refused_logins_get_not_authorized_with_their_reason() {
     server.enroll(&[&device]);
 
     let stranger = TestDevice::new("not-enrolled");
-    let error = V3Device::connect(&stranger, server.mqtt).await.err().unwrap();
+    let error = V3Device::connect(&stranger, server.mqtt)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused(error), ConnectReturnCode::NotAuthorized);
 
     let mut expired = device.options(server.mqtt);
-    expired.set_credentials(&device.id, make_login_token(&device.key, &device.id, now_s() - 5, rand::random()));
+    expired.set_credentials(
+        &device.id,
+        make_login_token(&device.key, &device.id, now_s() - 5, rand::random()),
+    );
     let error = V3Device::connect_with(expired).await.err().unwrap();
     assert_eq!(refused(error), ConnectReturnCode::NotAuthorized);
 
     let mut forged = device.options(server.mqtt);
     let thief = SigningKey::from_bytes(&[7; 32]);
-    forged.set_credentials(&device.id, make_login_token(&thief, &device.id, now_s() + 60, rand::random()));
+    forged.set_credentials(
+        &device.id,
+        make_login_token(&thief, &device.id, now_s() + 60, rand::random()),
+    );
     let error = V3Device::connect_with(forged).await.err().unwrap();
     assert_eq!(refused(error), ConnectReturnCode::NotAuthorized);
 
@@ -93,12 +122,26 @@ async fn refused_logins_get_not_authorized_with_their_reason() {
     let error = V3Device::connect_with(reused).await.err().unwrap();
     assert_eq!(refused(error), ConnectReturnCode::NotAuthorized);
 
-    for reason in ["login_unknown_device", "login_token_expired", "login_bad_signature", "login_nonce_reused"] {
+    for reason in [
+        "login_unknown_device",
+        "login_token_expired",
+        "login_bad_signature",
+        "login_nonce_reused",
+    ] {
         wait_for(|| login_refused_metric(&server, reason) == 1.0, reason).await;
     }
-    wait_for(|| server.metric("vigil_ingest_logins_accepted_total") == 1.0, "one login").await;
+    wait_for(
+        || server.metric("vigil_ingest_logins_accepted_total") == 1.0,
+        "one login",
+    )
+    .await;
     // Login refusals are recorded off the connection thread; give the log a moment.
-    for reason in ["login_unknown_device", "login_token_expired", "login_bad_signature", "login_nonce_reused"] {
+    for reason in [
+        "login_unknown_device",
+        "login_token_expired",
+        "login_bad_signature",
+        "login_nonce_reused",
+    ] {
         let mut stored = 0;
         for _ in 0..100 {
             stored = rejection_count(&server, reason).await;
@@ -112,7 +155,10 @@ async fn refused_logins_get_not_authorized_with_their_reason() {
 
     // The server keeps serving.
     let mut connection = V3Device::connect(&device, server.mqtt).await.unwrap();
-    connection.publish_all(&device.topic(), vec![device.payload(1)]).await.unwrap();
+    connection
+        .publish_all(&device.topic(), vec![device.payload(1)])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,13 +171,23 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
     let mut session = V5Device::connect(&device, &server).await;
     let topic = device.topic();
 
-    assert_eq!(session.publish(&topic, device.payload(1)).await, PubAckReason::Success);
+    assert_eq!(
+        session.publish(&topic, device.payload(1)).await,
+        PubAckReason::Success
+    );
 
-    let forged = sign_reading(&SigningKey::from_bytes(&[9; 32]), &device.reading(2)).encode_to_vec();
-    assert_eq!(session.publish(&topic, forged).await, PubAckReason::NotAuthorized);
+    let forged =
+        sign_reading(&SigningKey::from_bytes(&[9; 32]), &device.reading(2)).encode_to_vec();
+    assert_eq!(
+        session.publish(&topic, forged).await,
+        PubAckReason::NotAuthorized
+    );
 
     let replay = device.payload(1);
-    assert_eq!(session.publish(&topic, replay).await, PubAckReason::NotAuthorized);
+    assert_eq!(
+        session.publish(&topic, replay).await,
+        PubAckReason::NotAuthorized
+    );
 
     assert_eq!(
         session.publish(&neighbour.topic(), device.payload(2)).await,
@@ -142,23 +198,43 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
     let mut impostor = neighbour.reading(2);
     impostor.device_id = neighbour.id.clone();
     let impostor = sign_reading(&device.key, &impostor).encode_to_vec();
-    assert_eq!(session.publish(&topic, impostor).await, PubAckReason::NotAuthorized);
+    assert_eq!(
+        session.publish(&topic, impostor).await,
+        PubAckReason::NotAuthorized
+    );
 
-    assert_eq!(session.publish(&topic, b"\x0a\xff\xff garbage".to_vec()).await, PubAckReason::PayloadFormatInvalid);
-    assert_eq!(session.publish(&topic, vec![0x0a; 6000]).await, PubAckReason::PayloadFormatInvalid);
+    assert_eq!(
+        session
+            .publish(&topic, b"\x0a\xff\xff garbage".to_vec())
+            .await,
+        PubAckReason::PayloadFormatInvalid
+    );
+    assert_eq!(
+        session.publish(&topic, vec![0x0a; 6000]).await,
+        PubAckReason::PayloadFormatInvalid
+    );
 
     let mut empty = device.reading(3);
     empty.measurements.clear();
     let empty = sign_reading(&device.key, &empty).encode_to_vec();
-    assert_eq!(session.publish(&topic, empty).await, PubAckReason::PayloadFormatInvalid);
+    assert_eq!(
+        session.publish(&topic, empty).await,
+        PubAckReason::PayloadFormatInvalid
+    );
 
     let mut stale = device.reading(3);
     stale.sampled_at_ms -= 24 * 3600 * 1000;
     let stale = sign_reading(&device.key, &stale).encode_to_vec();
-    assert_eq!(session.publish(&topic, stale).await, PubAckReason::PayloadFormatInvalid);
+    assert_eq!(
+        session.publish(&topic, stale).await,
+        PubAckReason::PayloadFormatInvalid
+    );
 
     let far = device.payload(10_000_000);
-    assert_eq!(session.publish(&topic, far).await, PubAckReason::NotAuthorized);
+    assert_eq!(
+        session.publish(&topic, far).await,
+        PubAckReason::NotAuthorized
+    );
 
     let small_order_r = {
         let signed = SignedReading::decode(device.payload(3).as_slice()).unwrap();
@@ -166,12 +242,22 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
         // y = 1 encodes the identity, a point of small order.
         signature[0] = 1;
         signature[1..32].fill(0);
-        SignedReading { reading: signed.reading, signature }.encode_to_vec()
+        SignedReading {
+            reading: signed.reading,
+            signature,
+        }
+        .encode_to_vec()
     };
-    assert_eq!(session.publish(&topic, small_order_r).await, PubAckReason::NotAuthorized);
+    assert_eq!(
+        session.publish(&topic, small_order_r).await,
+        PubAckReason::NotAuthorized
+    );
 
     // Still serving: the next good reading is stored.
-    assert_eq!(session.publish(&topic, device.payload(3)).await, PubAckReason::Success);
+    assert_eq!(
+        session.publish(&topic, device.payload(3)).await,
+        PubAckReason::Success
+    );
 
     let expected = [
         ("bad_signature", 2),
@@ -185,12 +271,30 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
         ("seq_jump_too_far", 1),
     ];
     for (reason, count) in expected {
-        assert_eq!(refused_metric(&server, reason), count as f64, "metric for {reason}");
-        assert_eq!(rejection_count(&server, reason).await, count, "rejections for {reason}");
+        assert_eq!(
+            refused_metric(&server, reason),
+            count as f64,
+            "metric for {reason}"
+        );
+        assert_eq!(
+            rejection_count(&server, reason).await,
+            count,
+            "rejections for {reason}"
+        );
     }
-    let stored = format!("SELECT count(*) FROM readings WHERE device_id = '{}'", device.id);
-    assert_eq!(server.sql_count(&stored).await, 4, "readings 1 and 3, two measurements each");
-    let neighbour_rows = format!("SELECT count(*) FROM readings WHERE device_id = '{}'", neighbour.id);
+    let stored = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}'",
+        device.id
+    );
+    assert_eq!(
+        server.sql_count(&stored).await,
+        4,
+        "readings 1 and 3, two measurements each"
+    );
+    let neighbour_rows = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}'",
+        neighbour.id
+    );
     assert_eq!(server.sql_count(&neighbour_rows).await, 0);
 }
 
@@ -203,26 +307,62 @@ async fn v3_acl_violations_close_the_session_or_fail_the_subscription() {
     server.enroll(&[&device, &neighbour]);
 
     let mut connection = V3Device::connect(&device, server.mqtt).await.unwrap();
-    connection.client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
-    connection.client.subscribe(vigil_proto::notices_topic(&device.id), QoS::AtLeastOnce).await.unwrap();
+    connection
+        .client
+        .subscribe("#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    connection
+        .client
+        .subscribe(vigil_proto::notices_topic(&device.id), QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let mut results = Vec::new();
     while results.len() < 2 {
-        match tokio::time::timeout(Duration::from_secs(10), connection.events.poll()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), connection.events.poll())
+            .await
+            .unwrap()
+        {
             Ok(Event::Incoming(Packet::SubAck(ack))) => results.extend(ack.return_codes),
             Ok(_) => {}
             Err(error) => panic!("connection failed: {error}"),
         }
     }
-    assert_eq!(results[0], SubscribeReasonCode::Failure, "wildcard subscription refused");
-    assert!(matches!(results[1], SubscribeReasonCode::Success(_)), "own notices allowed");
-    assert_eq!(server.metric("vigil_ingest_subscriptions_refused_total"), 1.0);
+    assert_eq!(
+        results[0],
+        SubscribeReasonCode::Failure,
+        "wildcard subscription refused"
+    );
+    assert!(
+        matches!(results[1], SubscribeReasonCode::Success(_)),
+        "own notices allowed"
+    );
+    assert_eq!(
+        server.metric("vigil_ingest_subscriptions_refused_total"),
+        1.0
+    );
 
-    connection.client.publish(neighbour.topic(), QoS::AtLeastOnce, false, device.payload(1)).await.unwrap();
-    assert!(connection.closed_within(Duration::from_secs(10)).await, "session closed");
+    connection
+        .client
+        .publish(
+            neighbour.topic(),
+            QoS::AtLeastOnce,
+            false,
+            device.payload(1),
+        )
+        .await
+        .unwrap();
+    assert!(
+        connection.closed_within(Duration::from_secs(10)).await,
+        "session closed"
+    );
     assert_eq!(refused_metric(&server, "topic_not_allowed"), 1.0);
     assert_eq!(rejection_count(&server, "topic_not_allowed").await, 1);
 
-    let rows = format!("SELECT count(*) FROM readings WHERE device_id = '{}'", neighbour.id);
+    let rows = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}'",
+        neighbour.id
+    );
     assert_eq!(server.sql_count(&rows).await, 0);
 }
 
@@ -233,17 +373,23 @@ async fn a_silent_client_is_dropped_and_never_delays_others() {
     let device = TestDevice::new("thermo-1");
     server.enroll(&[&device]);
 
-    let silent: Vec<std::net::TcpStream> =
-        (0..50).map(|_| std::net::TcpStream::connect(server.mqtt).unwrap()).collect();
+    let silent: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(server.mqtt).unwrap())
+        .collect();
 
     let mut connection = V3Device::connect(&device, server.mqtt).await.unwrap();
-    connection.publish_all(&device.topic(), vec![device.payload(1)]).await.unwrap();
+    connection
+        .publish_all(&device.topic(), vec![device.payload(1)])
+        .await
+        .unwrap();
 
     // The connect timeout (5 s by default) closes every silent socket.
     let mut buffer = [0u8; 1];
     for mut socket in silent {
         use std::io::Read;
-        socket.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
         match socket.read(&mut buffer) {
             Ok(0) => {}
             Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}

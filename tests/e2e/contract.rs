@@ -21,7 +21,10 @@ async fn contract_vector_payload_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("vigil.toml");
     std::fs::write(&config, "[ingest]\nmax_clock_skew_ms = 100000000000\n").unwrap();
-    let server = Server::start_with(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
     server.cli(&[
         "devices",
         "add",
@@ -32,7 +35,12 @@ async fn contract_vector_payload_is_accepted() {
         "pulse_oximeter",
     ]);
 
-    let payload = hex::decode(vectors["reading"]["signed_reading_payload_hex"].as_str().unwrap()).unwrap();
+    let payload = hex::decode(
+        vectors["reading"]["signed_reading_payload_hex"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     let topic = vectors["reading"]["topic"].as_str().unwrap();
     let mut connection = V3Device::connect(&device, server.mqtt).await.unwrap();
     connection.publish_all(topic, vec![payload]).await.unwrap();
@@ -43,7 +51,9 @@ async fn contract_vector_payload_is_accepted() {
             device.id
         ))
         .await;
-    let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
+    let text = arrow::util::pretty::pretty_format_batches(&rows)
+        .unwrap()
+        .to_string();
     assert!(text.contains("heart_rate_bpm | 72.0"), "{text}");
     assert!(text.contains("spo2_pct       | 97.5"), "{text}");
 }

@@ -9,20 +9,28 @@ use crate::support::{Server, TestDevice, V3Device};
 async fn signed_readings_are_acknowledged_then_queryable() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"));
-    let devices: Vec<TestDevice> =
-        (0..3).map(|i| TestDevice::new(&format!("icu-bed-{i:02}.spo2"))).collect();
+    let devices: Vec<TestDevice> = (0..3)
+        .map(|i| TestDevice::new(&format!("icu-bed-{i:02}.spo2")))
+        .collect();
     server.enroll(&devices.iter().collect::<Vec<_>>());
 
     let listed = server.cli(&["devices", "list"]);
     for device in &devices {
-        assert!(listed.contains(&device.id), "{} missing from:\n{listed}", device.id);
+        assert!(
+            listed.contains(&device.id),
+            "{} missing from:\n{listed}",
+            device.id
+        );
     }
 
     const READINGS: u64 = 200;
     for device in &devices {
         let mut connection = V3Device::connect(device, server.mqtt).await.unwrap();
         let payloads = (1..=READINGS).map(|seq| device.payload(seq)).collect();
-        let acked = connection.publish_all(&device.topic(), payloads).await.unwrap();
+        let acked = connection
+            .publish_all(&device.topic(), payloads)
+            .await
+            .unwrap();
         assert_eq!(acked, READINGS as usize);
     }
 
@@ -36,7 +44,10 @@ async fn signed_readings_are_acknowledged_then_queryable() {
     }
     let distinct = "SELECT count(*) FROM (SELECT DISTINCT device_id, seq, metric FROM readings)";
     assert_eq!(server.sql_count(distinct).await, 3 * 2 * READINGS as i64);
-    assert_eq!(server.metric("vigil_ingest_readings_accepted_total"), 3.0 * READINGS as f64);
+    assert_eq!(
+        server.metric("vigil_ingest_readings_accepted_total"),
+        3.0 * READINGS as f64
+    );
 
     let json = server.cli(&[
         "sql",
@@ -49,8 +60,16 @@ async fn signed_readings_are_acknowledged_then_queryable() {
     assert_eq!(rows[0]["device_id"], devices[0].id.as_str());
     assert_eq!(rows[0]["n"], 2 * READINGS);
 
-    let devices_table = server.cli(&["sql", "SELECT device_id, class, status FROM devices", "--format", "csv"]);
-    assert!(devices_table.contains("icu-bed-00.spo2,pulse_oximeter,active"), "{devices_table}");
+    let devices_table = server.cli(&[
+        "sql",
+        "SELECT device_id, class, status FROM devices",
+        "--format",
+        "csv",
+    ]);
+    assert!(
+        devices_table.contains("icu-bed-00.spo2,pulse_oximeter,active"),
+        "{devices_table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +82,12 @@ async fn mosquitto_pub_reading_is_stored() {
     let payload_file = dir.path().join("reading.bin");
     std::fs::write(&payload_file, device.payload(1)).unwrap();
     let status = Command::new("mosquitto_pub")
-        .args(["-h", &server.mqtt.ip().to_string(), "-p", &server.mqtt.port().to_string()])
+        .args([
+            "-h",
+            &server.mqtt.ip().to_string(),
+            "-p",
+            &server.mqtt.port().to_string(),
+        ])
         .args(["-V", "mqttv311", "-q", "1"])
         .args(["-i", &device.id, "-u", &device.id, "-P", &device.token()])
         .args(["-t", &device.topic()])
@@ -73,6 +97,9 @@ async fn mosquitto_pub_reading_is_stored() {
         .expect("mosquitto_pub runs (scripts/install-test-deps.sh installs it)");
     assert!(status.success(), "mosquitto_pub failed: {status}");
 
-    let query = format!("SELECT count(*) FROM readings WHERE device_id = '{}' AND seq = 1", device.id);
+    let query = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}' AND seq = 1",
+        device.id
+    );
     assert_eq!(server.sql_count(&query).await, 2);
 }

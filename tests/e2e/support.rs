@@ -30,7 +30,10 @@ pub struct Server {
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 impl Server {
@@ -92,7 +95,10 @@ impl Server {
             if http_up && TcpStream::connect(self.mqtt).is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "server did not start within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "server did not start within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -119,7 +125,10 @@ impl Server {
         let metrics = self.metrics();
         metrics
             .lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .map(|value| value.trim().parse().unwrap())
             .unwrap_or_else(|| panic!("metric {name} missing from:\n{metrics}"))
     }
@@ -161,19 +170,32 @@ impl Server {
     /// A query whose answer is one integer.
     pub async fn sql_count(&self, query: &str) -> i64 {
         let batches = self.sql(query).await;
-        let batch = batches.iter().find(|batch| batch.num_rows() > 0).expect("one row");
-        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
-            .unwrap();
-        column.as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0)
+        let batch = batches
+            .iter()
+            .find(|batch| batch.num_rows() > 0)
+            .expect("one row");
+        let column =
+            arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64).unwrap();
+        column
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0)
     }
 
     /// Enrolls devices with the `vigil devices import` command.
     pub fn enroll(&self, devices: &[&TestDevice]) {
         let mut csv = String::from("device_id,public_key_hex,class\n");
         for device in devices {
-            csv.push_str(&format!("{},{},pulse_oximeter\n", device.id, device.public_key_hex()));
+            csv.push_str(&format!(
+                "{},{},pulse_oximeter\n",
+                device.id,
+                device.public_key_hex()
+            ));
         }
-        let path = self.data_dir.with_extension(format!("{}.csv", rand::random::<u32>()));
+        let path = self
+            .data_dir
+            .with_extension(format!("{}.csv", rand::random::<u32>()));
         std::fs::write(&path, csv).unwrap();
         self.cli(&["devices", "import", path.to_str().unwrap()]);
     }
@@ -189,18 +211,30 @@ impl Drop for Server {
 pub fn http_get(address: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 pub fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A device with its own key, as the device side holds it.
@@ -211,7 +245,10 @@ pub struct TestDevice {
 
 impl TestDevice {
     pub fn new(id: &str) -> Self {
-        Self { id: id.to_owned(), key: SigningKey::from_bytes(&rand::random()) }
+        Self {
+            id: id.to_owned(),
+            key: SigningKey::from_bytes(&rand::random()),
+        }
     }
 
     pub fn public_key_hex(&self) -> String {
@@ -232,8 +269,14 @@ impl TestDevice {
             seq,
             sampled_at_ms: now_ms(),
             measurements: vec![
-                Measurement { metric: "spo2_pct".into(), value: 97.0 + (seq % 3) as f64 },
-                Measurement { metric: "heart_rate_bpm".into(), value: 70.0 + (seq % 7) as f64 },
+                Measurement {
+                    metric: "spo2_pct".into(),
+                    value: 97.0 + (seq % 3) as f64,
+                },
+                Measurement {
+                    metric: "heart_rate_bpm".into(),
+                    value: 70.0 + (seq % 7) as f64,
+                },
             ],
         }
     }
@@ -259,7 +302,10 @@ pub struct V3Device {
 
 impl V3Device {
     /// Connects and waits for the CONNACK; `Err` carries the connection error.
-    pub async fn connect(device: &TestDevice, mqtt: SocketAddr) -> Result<Self, rumqttc::ConnectionError> {
+    pub async fn connect(
+        device: &TestDevice,
+        mqtt: SocketAddr,
+    ) -> Result<Self, rumqttc::ConnectionError> {
         Self::connect_with(device.options(mqtt)).await
     }
 
@@ -276,13 +322,20 @@ impl V3Device {
     }
 
     /// Publishes every payload with QoS 1 and waits until each has its PUBACK.
-    pub async fn publish_all(&mut self, topic: &str, payloads: Vec<Vec<u8>>) -> Result<usize, String> {
+    pub async fn publish_all(
+        &mut self,
+        topic: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<usize, String> {
         let expected = payloads.len();
         let client = self.client.clone();
         let topic = topic.to_owned();
         let sender = tokio::spawn(async move {
             for payload in payloads {
-                client.publish(&topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
             }
         });
 
