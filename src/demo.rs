@@ -14,7 +14,8 @@ use crate::server::RunningServer;
 
 /// The sample query shown at the end of the demo.
 const SAMPLE_QUERY: &str = "SELECT metric, count(*) AS readings, count(DISTINCT device_id) AS \
-     devices, round(avg(value), 1) AS mean, min(value) AS min, max(value) AS max \
+     devices, round(avg(value), 1) AS mean, round(min(value), 1) AS min, \
+     round(max(value), 1) AS max \
      FROM readings GROUP BY metric ORDER BY metric";
 
 #[derive(Debug, clap::Args)]

@@ -114,7 +114,7 @@ impl NonceCache {
         inner.records_in_log += 1;
 
         // Expired nonces are dropped from memory now and then; the file is compacted on open.
-        if inner.records_in_log % 4096 == 0 {
+        if inner.records_in_log.is_multiple_of(4096) {
             inner.seen.retain(|_, expires| *expires >= now_unix_s);
         }
         Ok(NonceCheck::Fresh)

@@ -12,7 +12,7 @@
 //!   refusals alike are acknowledged only once the log has them (an exact re-send waits behind
 //!   a barrier for the original to be durable).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::thread;
 
@@ -129,9 +129,7 @@ impl VerifierPool {
 }
 
 fn shard_of(hasher: &impl BuildHasher, device_id: &str, shards: usize) -> usize {
-    let mut state = hasher.build_hasher();
-    device_id.hash(&mut state);
-    (state.finish() % shards as u64) as usize
+    (hasher.hash_one(device_id) % shards as u64) as usize
 }
 
 struct ShardWorker {
