@@ -65,6 +65,8 @@ pub enum GatewayError {
     StorageUnavailable,
     /// The payload could not be read from the connection.
     PayloadRead,
+    /// A TLS client failed its handshake.
+    TlsHandshake,
 }
 
 impl From<()> for GatewayError {
@@ -491,9 +493,15 @@ fn subscribe_allowed(session: &DeviceSession, topic: &str) -> bool {
 }
 
 /// Builds the ntex-mqtt service for both protocol versions.
-pub(crate) fn mqtt_service(
+pub(crate) fn mqtt_service<F: ntex::io::Filter>(
     context: Arc<GatewayContext>,
-) -> impl ntex::service::ServiceFactory<ntex::io::Io, SharedCfg> + 'static {
+) -> impl ntex::service::ServiceFactory<
+    ntex::io::Io<F>,
+    SharedCfg,
+    Response = (),
+    Error = ntex_mqtt::MqttError<GatewayError>,
+    InitError = (),
+> + 'static {
     let v3_server = {
         let handshake_context = context.clone();
         let publish_context = context.clone();

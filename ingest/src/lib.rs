@@ -14,6 +14,7 @@ pub mod reasons;
 pub mod recorder;
 pub mod registry;
 pub mod sessions;
+pub mod tls;
 pub mod verifier;
 
 use std::net::{SocketAddr, TcpListener};
@@ -76,6 +77,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct IngestConfig {
     /// Address of the MQTT listener (v3.1.1 and v5 on one port).
     pub mqtt_listen: SocketAddr,
+    /// PEM certificate chain for MQTT over TLS; with `tls_key_path`, enables `mqtt_tls_listen`.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    pub tls_key_path: Option<PathBuf>,
+    /// Address of the MQTT over TLS listener, used when a certificate is configured.
+    pub mqtt_tls_listen: SocketAddr,
     /// Accept plaintext MQTT on a non-loopback address. Off by default: login tokens and
     /// readings would cross the network in the clear.
     pub allow_plaintext: bool,
@@ -107,6 +114,9 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls_cert_path: None,
+            tls_key_path: None,
+            mqtt_tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             allow_plaintext: false,
             max_payload_bytes: 4096,
             connect_timeout_s: 5,
@@ -130,6 +140,7 @@ pub struct Ingest {
     pub sessions: Arc<SessionTable>,
     pub metrics: Arc<IngestMetrics>,
     mqtt_address: SocketAddr,
+    mqtt_tls_address: Option<SocketAddr>,
     /// The ntex server handle is not `Sync`; the lock makes `Ingest` shareable.
     mqtt_server: parking_lot::Mutex<ntex::server::Server>,
 }
@@ -197,13 +208,45 @@ impl Ingest {
             address: config.mqtt_listen,
             source,
         })?;
+        let tls = match (&config.tls_cert_path, &config.tls_key_path) {
+            (Some(cert), Some(key)) => {
+                let tls_config = tls::server_config(cert, key)?;
+                let tls_listener =
+                    TcpListener::bind(config.mqtt_tls_listen).map_err(|source| Error::Listen {
+                        address: config.mqtt_tls_listen,
+                        source,
+                    })?;
+                Some((tls_listener, tls_config))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config {
+                    setting: "tls_cert_path",
+                    reason: "tls_cert_path and tls_key_path go together".to_owned(),
+                });
+            }
+        };
+        let mqtt_tls_address = match &tls {
+            Some((tls_listener, _)) => {
+                Some(tls_listener.local_addr().map_err(|source| Error::Listen {
+                    address: config.mqtt_tls_listen,
+                    source,
+                })?)
+            }
+            None => None,
+        };
         let workers = if config.mqtt_workers == 0 {
             cores
         } else {
             config.mqtt_workers
         };
-        let mqtt_server = start_mqtt(listener, workers, context)?;
-        tracing::info!(address = %mqtt_address, workers, "mqtt listener started");
+        let mqtt_server = start_mqtt(listener, tls, workers, context)?;
+        tracing::info!(
+            address = %mqtt_address,
+            tls_address = ?mqtt_tls_address,
+            workers,
+            "mqtt listeners started"
+        );
 
         let mqtt_server = parking_lot::Mutex::new(mqtt_server);
         Ok(Self {
@@ -211,6 +254,7 @@ impl Ingest {
             sessions,
             metrics,
             mqtt_address,
+            mqtt_tls_address,
             mqtt_server,
         })
     }
@@ -218,6 +262,11 @@ impl Ingest {
     /// The address the MQTT listener is bound to.
     pub fn mqtt_address(&self) -> SocketAddr {
         self.mqtt_address
+    }
+
+    /// The address of the MQTT over TLS listener, when a certificate is configured.
+    pub fn mqtt_tls_address(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_address
     }
 
     /// Quarantines a device: durable status first, then its live session is closed after a
@@ -262,24 +311,39 @@ impl Ingest {
 /// Runs the ntex MQTT server on its own threads and returns its control handle.
 fn start_mqtt(
     listener: TcpListener,
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     workers: usize,
     context: Arc<GatewayContext>,
 ) -> Result<ntex::server::Server> {
     let (started, server) = std::sync::mpsc::channel();
-    let config = gateway::mqtt_config(&context.settings);
+    let config = gateway::mqtt_config(&context.settings).build();
 
     thread::Builder::new()
         .name("vigil-mqtt".into())
         .spawn(move || {
             let system = ntex::rt::System::new("vigil-mqtt", ntex::rt::DefaultRuntime);
             system.block_on(async move {
-                let built = ntex::server::build()
+                let plain_context = context.clone();
+                let mut built = ntex::server::build()
                     .workers(workers)
                     .disable_signals()
                     .listen("mqtt", listener, async move |_| {
-                        gateway::mqtt_service(context.clone())
+                        gateway::mqtt_service(plain_context.clone())
                     })
-                    .map(|builder| builder.config("mqtt", config).run());
+                    .map(|builder| builder.config("mqtt", config.clone()));
+                if let (Ok(builder), Some((tls_listener, tls_config))) = (&mut built, tls) {
+                    let with_tls = std::mem::replace(builder, ntex::server::build())
+                        .listen("mqtts", tls_listener, async move |_| {
+                            ntex::service::chain_factory(tls::acceptor(tls_config.clone()))
+                                .and_then(gateway::mqtt_service(context.clone()))
+                        })
+                        .map(|builder| builder.config("mqtts", config));
+                    match with_tls {
+                        Ok(with_tls) => *builder = with_tls,
+                        Err(error) => built = Err(error),
+                    }
+                }
+                let built = built.map(|builder| builder.run());
                 match built {
                     Ok(server) => {
                         // The receiver only goes away if start-up was abandoned.
