@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond crates: Debian's mosquitto-clients (mosquitto_pub), used
-# by an end-to-end test as an independent MQTT client. Does nothing when already present.
+# by end-to-end tests as an independent MQTT client, and openssl, which makes the TLS test's
+# certificate. Does nothing when both are present.
 set -euo pipefail
 
-if command -v mosquitto_pub >/dev/null 2>&1; then
+if command -v mosquitto_pub >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -13,4 +14,4 @@ else
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq mosquitto-clients >/dev/null
+$SUDO apt-get install -y -qq mosquitto-clients openssl >/dev/null
