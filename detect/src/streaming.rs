@@ -122,6 +122,9 @@ pub struct VigilConfig {
     pub short_window: usize,
     /// Smallest past maximum trusted, so a calm stream's first wobble is not a huge record.
     pub min_surprise: f64,
+    /// Most that one surprise raises the bar of its record detector, as a multiple of the
+    /// past maximum, so one huge anomaly does not hide the next, smaller one.
+    pub record_cap: f64,
     /// Updates during which a score must beat every earlier one to count fully.
     pub suppression: usize,
     /// Factor applied to scores that do not beat the recent maximum.
@@ -131,7 +134,7 @@ pub struct VigilConfig {
 impl Default for VigilConfig {
     fn default() -> Self {
         Self {
-            window: 300,
+            window: 200,
             warmup: 150,
             max_period: 400,
             min_period_strength: 0.3,
@@ -139,7 +142,8 @@ impl Default for VigilConfig {
             record_window: 2000,
             short_window: 30,
             min_surprise: 0.05,
-            suppression: 100,
+            record_cap: 3.0,
+            suppression: 150,
             damping: 0.5,
         }
     }
@@ -147,33 +151,61 @@ impl Default for VigilConfig {
 
 /// Vigil's streaming detector.
 ///
-/// Three predictors each give a z-score of the new value's error against the recent errors
-/// of the same predictor: the recent mean (level), the previous value (step) and, once the
-/// autocorrelation shows a cycle, the values one and two cycles back (seasonal). Each z-score
-/// feeds two record detectors, one on the single value and one on the mean of the last
-/// `short_window` values (sustained changes such as a flattened or shifted cycle). A record
-/// detector reports the ratio of the surprise to the largest surprise of its recent past, so
-/// heavy-tailed streams must beat their own worst bursts to alarm. The score is r / (1 + r)
-/// for the largest ratio r, damped while it does not beat the scores of the last
-/// `suppression` updates.
+/// Three predictors each give a surprise, a z-score of the new value against recent history:
 ///
-/// Each update is O(`max_period` + `suppression` + `short_window`) and allocation-free.
+/// - level: distance to the median of the last `window` values, in robust standard deviations
+///   (1.4826 × MAD), so the spikes of a heavy-tailed stream do not inflate its own baseline;
+/// - step: the change from the previous value against the mean and deviation of recent steps;
+/// - cycle: once the autocorrelation shows a cycle, the difference from the mean of the values
+///   one and two cycles back, against recent such differences.
+///
+/// Five record detectors watch these surprises (see [`RECORDS`]): the single level and cycle
+/// surprises (spikes, broken cycles) and the means of the last `short_window` surprises of all
+/// three (sustained changes such as a level shift, a flattened cycle or a noisier stream). A
+/// record detector reports the ratio of the surprise to the largest surprise of its last
+/// `record_window` updates, so a heavy-tailed stream must beat its own worst bursts to alarm;
+/// an alarm raises that bar at most `record_cap` times, so the next anomaly is still seen.
+/// The score is r / (1 + r) for the largest ratio r (r > 1 is a new record), damped while it
+/// does not beat the scores of the last `suppression` updates, so an event alarms once.
+///
+/// Each update is O(`window` + `max_period` + `suppression` + `short_window`) and
+/// allocation-free.
 #[derive(Debug, Clone)]
 pub struct Vigil {
     config: VigilConfig,
     history: History,
     periodicity: Periodicity,
-    levels: RunningStats,
+    levels: RobustStats,
     steps: RunningStats,
     cycles: RunningStats,
-    /// Single-value and sustained record detectors for levels, steps and cycles, in order.
-    records: [Record; 6],
+    /// The record detectors of [`RECORDS`], in order.
+    records: [Record; RECORDS.len()],
     recent_scores: Ring,
     seen: usize,
 }
 
 /// Baselines need this many values before their deviation is trusted.
 const MIN_BASELINE: usize = 20;
+
+/// Where each record detector looks: the surprise it watches and whether it averages the last
+/// `short_window` surprises (`true`) or takes each one alone. A single step is not watched:
+/// a spike already shows as a level surprise, and lone steps of noisy streams only added
+/// false alarms.
+const RECORDS: [(Surprise, bool); 5] = [
+    (Surprise::Level, false),
+    (Surprise::Level, true),
+    (Surprise::Step, true),
+    (Surprise::Cycle, false),
+    (Surprise::Cycle, true),
+];
+
+/// The predictors whose surprises the record detectors watch.
+#[derive(Debug, Clone, Copy)]
+enum Surprise {
+    Level,
+    Step,
+    Cycle,
+}
 
 impl Vigil {
     /// A detector with the given tuning.
@@ -182,12 +214,12 @@ impl Vigil {
         Self {
             history: History::new(3 * max_period + 1),
             periodicity: Periodicity::new(max_period),
-            levels: RunningStats::new(config.window),
+            levels: RobustStats::new(config.window),
             steps: RunningStats::new(config.window),
             cycles: RunningStats::new(config.window),
-            records: std::array::from_fn(|i| {
-                let averaged = if i % 2 == 0 { 1 } else { config.short_window };
-                Record::new(config.record_window, averaged, config.min_surprise)
+            records: RECORDS.map(|(_, sustained)| {
+                let averaged = if sustained { config.short_window } else { 1 };
+                Record::new(config.record_window, averaged, &config)
             }),
             recent_scores: Ring::new(config.suppression),
             seen: 0,
@@ -245,21 +277,21 @@ impl Vigil {
         Some(value - expected)
     }
 
-    /// The largest record ratio of the six detectors (0 during warm-up, though the records
-    /// keep learning).
+    /// The largest record ratio of the detectors (0 during warm-up, though the records keep
+    /// learning).
     fn record_ratio(&mut self, value: f64, step: Option<f64>, cycle: Option<f64>) -> f64 {
-        let surprises = [
-            Some(self.levels.z_score(value)),
-            step.map(|s| self.steps.z_score(s)),
-            cycle.map(|c| self.cycles.z_score(c)),
-        ];
+        let level = Some(self.levels.z_score(value));
+        let step = step.map(|s| self.steps.z_score(s));
+        let cycle = cycle.map(|c| self.cycles.z_score(c));
 
         let mut ratio: f64 = 0.0;
-        for (records, surprise) in self.records.chunks_mut(2).zip(surprises) {
-            let Some(surprise) = surprise else {
-                continue;
+        for (record, (source, _)) in self.records.iter_mut().zip(RECORDS) {
+            let surprise = match source {
+                Surprise::Level => level,
+                Surprise::Step => step,
+                Surprise::Cycle => cycle,
             };
-            for record in records {
+            if let Some(surprise) = surprise {
                 ratio = ratio.max(record.update(surprise));
             }
         }
@@ -298,15 +330,17 @@ struct Record {
     maxima: SlidingMax,
     recent: Ring,
     min_surprise: f64,
+    cap: f64,
 }
 
 impl Record {
     /// Compares the mean of the last `averaged` surprises with their maximum over `window`.
-    fn new(window: usize, averaged: usize, min_surprise: f64) -> Self {
+    fn new(window: usize, averaged: usize, config: &VigilConfig) -> Self {
         Self {
             maxima: SlidingMax::new(window),
             recent: Ring::new(averaged),
-            min_surprise,
+            min_surprise: config.min_surprise,
+            cap: config.record_cap,
         }
     }
 
@@ -316,12 +350,13 @@ impl Record {
         let recent = self.recent.as_slice();
         let value = recent.iter().sum::<f64>() / recent.len() as f64;
 
-        let ratio = match self.maxima.max() {
-            Some(past) => value / past.max(self.min_surprise),
-            None => 0.0,
+        let Some(past) = self.maxima.max() else {
+            self.maxima.push(value);
+            return 0.0;
         };
-        self.maxima.push(value);
-        ratio
+        let past = past.max(self.min_surprise);
+        self.maxima.push(value.min(past * self.cap));
+        value / past
     }
 }
 
@@ -556,6 +591,58 @@ impl RunningStats {
     }
 }
 
+/// Median and median absolute deviation (MAD) of the last `capacity` values.
+///
+/// Each z-score selects in a scratch copy of the window: O(capacity), no allocation.
+#[derive(Debug, Clone)]
+struct RobustStats {
+    ring: Ring,
+    scratch: Vec<f64>,
+}
+
+/// MAD × this estimates the standard deviation of normal data.
+const MAD_TO_STD: f64 = 1.4826;
+
+impl RobustStats {
+    fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            ring: Ring::new(capacity),
+            scratch: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn push(&mut self, value: f64) {
+        self.ring.push(value);
+    }
+
+    /// |value - median| / (1.4826 MAD + tiny floor), 0 until the baseline is long enough.
+    fn z_score(&mut self, value: f64) -> f64 {
+        let n = self.ring.len();
+        if n < MIN_BASELINE {
+            return 0.0;
+        }
+
+        self.scratch.clear();
+        self.scratch.extend_from_slice(self.ring.as_slice());
+        let median = upper_median(&mut self.scratch);
+        for v in &mut self.scratch {
+            *v = (*v - median).abs();
+        }
+        let mad = upper_median(&mut self.scratch);
+
+        // As for the mean baseline, the floor keeps constant streams finite.
+        let floor = 1e-12 * (median.abs() + 1.0);
+        (value - median).abs() / (MAD_TO_STD * mad + floor)
+    }
+}
+
+/// The element of rank n / 2 of a non-empty slice, which it partially reorders: O(n).
+fn upper_median(values: &mut [f64]) -> f64 {
+    let mid = values.len() / 2;
+    *values.select_nth_unstable_by(mid, f64::total_cmp).1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +669,22 @@ mod tests {
         let (mean, std) = mean_and_sample_std(&values[values.len() - 50..]);
         let expected = (1e6 + 3.0 - mean).abs() / std;
         assert!((stats.z_score(1e6 + 3.0) - expected).abs() < 1e-5 * expected);
+    }
+
+    #[test]
+    fn robust_stats_ignore_outliers_in_their_window() {
+        let mut stats = RobustStats::new(50);
+        for i in 0..120 {
+            // Median 2, MAD 1 (values 1, 2, 3 in equal shares), plus a few huge outliers.
+            let value = if i % 40 == 0 {
+                1e6
+            } else {
+                f64::from(1 + i % 3)
+            };
+            stats.push(value);
+        }
+
+        assert!((stats.z_score(2.0 + MAD_TO_STD * 4.0) - 4.0).abs() < 1e-9);
     }
 
     #[test]
