@@ -64,14 +64,17 @@ fn main() -> ExitCode {
 fn set(config: &mut VigilConfig, key: &str, number: f64) -> Result<(), String> {
     match key {
         "window" => config.window = number as usize,
+        "slow_window" => config.slow_window = number as usize,
         "warmup" => config.warmup = number as usize,
         "max_period" => config.max_period = number as usize,
         "min_period_strength" => config.min_period_strength = number,
         "period_stride" => config.period_stride = number as usize,
+        "cycle_trust" => config.cycle_trust = number,
         "record_window" => config.record_window = number as usize,
         "short_window" => config.short_window = number as usize,
         "min_surprise" => config.min_surprise = number,
         "suppression" => config.suppression = number as usize,
+        "record_cap" => config.record_cap = number,
         "damping" => config.damping = number,
         _ => return Err(format!("unknown key {key}")),
     }

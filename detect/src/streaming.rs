@@ -108,7 +108,11 @@ fn mean_and_sample_std(values: &[f64]) -> (f64, f64) {
 pub struct VigilConfig {
     /// Values in the sliding baselines of levels, steps and cycle differences.
     pub window: usize,
-    /// Values seen before any score is emitted, so the baselines are meaningful.
+    /// Values in the second, slower level baseline, which still sees a change that the
+    /// `window` baseline has started to absorb.
+    pub slow_window: usize,
+    /// Values seen before any score is emitted, and surprises each record detector watches
+    /// before it reports, so the baselines and past maxima are meaningful.
     pub warmup: usize,
     /// Longest cycle, in values, that the detector looks for.
     pub max_period: usize,
@@ -116,6 +120,9 @@ pub struct VigilConfig {
     pub min_period_strength: f64,
     /// Updates per autocorrelation lag computed, to spread the period search thinly.
     pub period_stride: usize,
+    /// Exponent of the cycle's autocorrelation in the weight of the cycle detectors: the
+    /// weaker the cycle, the more clearly it must break to alarm (0 trusts every cycle).
+    pub cycle_trust: f64,
     /// Past surprises whose maximum a new surprise is compared with.
     pub record_window: usize,
     /// Surprises averaged by the sustained-change detectors.
@@ -135,10 +142,12 @@ impl Default for VigilConfig {
     fn default() -> Self {
         Self {
             window: 200,
+            slow_window: 400,
             warmup: 150,
             max_period: 400,
             min_period_strength: 0.3,
             period_stride: 2,
+            cycle_trust: 0.2,
             record_window: 2000,
             short_window: 30,
             min_surprise: 0.05,
@@ -155,6 +164,8 @@ impl Default for VigilConfig {
 ///
 /// - level: distance to the median of the last `window` values, in robust standard deviations
 ///   (1.4826 × MAD), so the spikes of a heavy-tailed stream do not inflate its own baseline;
+///   the larger of this and the same distance over the last `slow_window` values, so a change
+///   still counts once the short baseline has begun to absorb it;
 /// - step: the change from the previous value against the mean and deviation of recent steps;
 /// - cycle: once the autocorrelation shows a cycle, the difference from the mean of the values
 ///   one and two cycles back, against recent such differences.
@@ -165,17 +176,21 @@ impl Default for VigilConfig {
 /// record detector reports the ratio of the surprise to the largest surprise of its last
 /// `record_window` updates, so a heavy-tailed stream must beat its own worst bursts to alarm;
 /// an alarm raises that bar at most `record_cap` times, so the next anomaly is still seen.
+/// A record detector is silent for its first `warmup` surprises (the cycle detectors start
+/// late, when a cycle is found), and the cycle detectors' ratios are weighted by the cycle's
+/// autocorrelation to the power `cycle_trust`, as a weak cycle predicts less.
 /// The score is r / (1 + r) for the largest ratio r (r > 1 is a new record), damped while it
 /// does not beat the scores of the last `suppression` updates, so an event alarms once.
 ///
-/// Each update is O(`window` + `max_period` + `suppression` + `short_window`) and
-/// allocation-free.
+/// Each update is O(`window` + `slow_window` + `max_period` + `suppression` +
+/// `short_window`) and allocation-free.
 #[derive(Debug, Clone)]
 pub struct Vigil {
     config: VigilConfig,
     history: History,
     periodicity: Periodicity,
     levels: RobustStats,
+    slow_levels: RobustStats,
     steps: RunningStats,
     cycles: RunningStats,
     /// The record detectors of [`RECORDS`], in order.
@@ -212,9 +227,10 @@ impl Vigil {
     pub fn new(config: VigilConfig) -> Self {
         let max_period = config.max_period.max(2);
         Self {
-            history: History::new(3 * max_period + 1),
+            history: History::new((3 * max_period + 1).max(2 * max_period + MIN_BASELINE)),
             periodicity: Periodicity::new(max_period),
             levels: RobustStats::new(config.window),
+            slow_levels: RobustStats::new(config.slow_window),
             steps: RunningStats::new(config.window),
             cycles: RunningStats::new(config.window),
             records: RECORDS.map(|(_, sustained)| {
@@ -249,6 +265,7 @@ impl StreamingDetector for Vigil {
         let ratio = self.record_ratio(value, step, cycle);
 
         self.levels.push(value);
+        self.slow_levels.push(value);
         if let Some(step) = step {
             self.steps.push(step);
         }
@@ -280,19 +297,28 @@ impl Vigil {
     /// The largest record ratio of the detectors (0 during warm-up, though the records keep
     /// learning).
     fn record_ratio(&mut self, value: f64, step: Option<f64>, cycle: Option<f64>) -> f64 {
-        let level = Some(self.levels.z_score(value));
+        let level = Some(
+            self.levels
+                .z_score(value)
+                .max(self.slow_levels.z_score(value)),
+        );
         let step = step.map(|s| self.steps.z_score(s));
         let cycle = cycle.map(|c| self.cycles.z_score(c));
+        let cycle_weight = self
+            .periodicity
+            .strength
+            .clamp(0.0, 1.0)
+            .powf(self.config.cycle_trust);
 
         let mut ratio: f64 = 0.0;
         for (record, (source, _)) in self.records.iter_mut().zip(RECORDS) {
-            let surprise = match source {
-                Surprise::Level => level,
-                Surprise::Step => step,
-                Surprise::Cycle => cycle,
+            let (surprise, weight) = match source {
+                Surprise::Level => (level, 1.0),
+                Surprise::Step => (step, 1.0),
+                Surprise::Cycle => (cycle, cycle_weight),
             };
             if let Some(surprise) = surprise {
-                ratio = ratio.max(record.update(surprise));
+                ratio = ratio.max(weight * record.update(surprise));
             }
         }
 
@@ -331,6 +357,9 @@ struct Record {
     recent: Ring,
     min_surprise: f64,
     cap: f64,
+    /// Surprises to watch before reporting, and how many were watched (up to that).
+    warmup: usize,
+    watched: usize,
 }
 
 impl Record {
@@ -341,10 +370,13 @@ impl Record {
             recent: Ring::new(averaged),
             min_surprise: config.min_surprise,
             cap: config.record_cap,
+            warmup: config.warmup,
+            watched: 0,
         }
     }
 
-    /// Records `surprise` and returns the ratio of the recent mean to its past maximum.
+    /// Records `surprise` and returns the ratio of the recent mean to its past maximum, or 0
+    /// while the past is still too short to hold a representative maximum.
     fn update(&mut self, surprise: f64) -> f64 {
         self.recent.push(surprise);
         let recent = self.recent.as_slice();
@@ -356,6 +388,11 @@ impl Record {
         };
         let past = past.max(self.min_surprise);
         self.maxima.push(value.min(past * self.cap));
+
+        self.watched = (self.watched + 1).min(self.warmup);
+        if self.watched < self.warmup {
+            return 0.0;
+        }
         value / past
     }
 }
@@ -458,6 +495,8 @@ struct Periodicity {
     acf: Vec<f64>,
     next_lag: usize,
     period: Option<usize>,
+    /// The autocorrelation at `period` when it was elected (0 without a period).
+    strength: f64,
 }
 
 impl Periodicity {
@@ -466,18 +505,25 @@ impl Periodicity {
             acf: vec![0.0; max_period + 1],
             next_lag: 1,
             period: None,
+            strength: 0.0,
         }
     }
 
     /// Computes the autocorrelation at the next lag; after the last lag, re-elects the period.
+    /// While the window is too short for the next lag, waits: the first election then comes
+    /// as soon as every lag can be measured.
     fn step(&mut self, window: &[f64], min_strength: f64) {
         let lag = self.next_lag;
+        if window.len() < 2 * lag + MIN_BASELINE {
+            return;
+        }
         self.acf[lag] = autocorrelation(window, lag);
 
         self.next_lag += 1;
         if self.next_lag == self.acf.len() {
             self.next_lag = 1;
             self.period = self.elect(min_strength);
+            self.strength = self.period.map_or(0.0, |p| self.acf[p]);
         }
     }
 
@@ -724,6 +770,20 @@ mod tests {
         }
 
         assert_eq!(periodicity.period, Some(24));
+    }
+
+    #[test]
+    fn periodicity_elects_once_every_lag_can_be_measured() {
+        let mut history = History::new(3 * 60 + 1);
+        let mut periodicity = Periodicity::new(60);
+        for i in 0..2 * 60 + MIN_BASELINE {
+            let phase = (i % 24) as f64 / 24.0 * std::f64::consts::TAU;
+            history.push(phase.sin());
+            periodicity.step(history.window(), 0.3);
+        }
+
+        assert_eq!(periodicity.period, Some(24));
+        assert!(periodicity.strength > 0.3);
     }
 
     #[test]

@@ -46,10 +46,10 @@ fn vigil_detector_beats_its_measured_floor() {
     let report = run_benchmark(&corpus_dir(), None, DetectorKind::Vigil).unwrap();
     println!("{report}");
 
-    // Measured 70.48 / 60.87 / 75.85 (standard / low FP / low FN); the floors leave a margin.
-    assert!(score(&report, "standard") > 68.5, "{report}");
-    assert!(score(&report, "reward_low_FP_rate") > 58.8, "{report}");
-    assert!(score(&report, "reward_low_FN_rate") > 73.8, "{report}");
+    // Measured 73.33 / 65.08 / 77.74 (standard / low FP / low FN); the floors leave a margin.
+    assert!(score(&report, "standard") > 71.3, "{report}");
+    assert!(score(&report, "reward_low_FP_rate") > 63.0, "{report}");
+    assert!(score(&report, "reward_low_FN_rate") > 75.7, "{report}");
 }
 
 #[test]
