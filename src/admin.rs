@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use vigil_detect::{Detector, Observation, ObservationSender};
 use vigil_ingest::Ingest;
 use vigil_ingest::registry::{DeviceEntry, Enrollment};
 use vigil_proto::v1::device_admin_server::DeviceAdmin;
@@ -18,24 +19,42 @@ const MAX_DEVICES_PER_REQUEST: usize = 100_000;
 #[derive(Debug, Clone)]
 pub(crate) struct AdminService {
     ingest: Arc<Ingest>,
+    detector: Arc<Detector>,
+    observations: ObservationSender,
 }
 
 impl AdminService {
-    pub(crate) fn new(ingest: Arc<Ingest>) -> Self {
-        Self { ingest }
+    pub(crate) fn new(
+        ingest: Arc<Ingest>,
+        detector: Arc<Detector>,
+        observations: ObservationSender,
+    ) -> Self {
+        Self {
+            ingest,
+            detector,
+            observations,
+        }
+    }
+
+    fn found(
+        &self,
+        entry: Option<Arc<DeviceEntry>>,
+        device_id: &str,
+    ) -> Result<Response<DeviceActionResponse>, Status> {
+        found(entry, device_id, &self.detector)
     }
 }
 
-/// The gRPC view of a registry entry.
-pub(crate) fn device_message(entry: &DeviceEntry) -> Device {
+/// The gRPC view of a registry entry, with the detector's risk.
+pub(crate) fn device_message(entry: &DeviceEntry, detector: &Detector) -> Device {
     Device {
         device_id: entry.id.to_string(),
         public_key_hex: entry.public_key_hex(),
-        class: entry.class.clone(),
+        class: entry.class.to_string(),
         status: entry.status().as_str().to_owned(),
         enrolled_at_ms: entry.enrolled_at_ms,
         status_changed_at_ms: entry.status_changed_at_ms(),
-        risk: 0.0,
+        risk: detector.risk_of(&entry.id),
     }
 }
 
@@ -47,10 +66,11 @@ fn internal(error: vigil_ingest::Error) -> Status {
 fn found(
     entry: Option<Arc<DeviceEntry>>,
     device_id: &str,
+    detector: &Detector,
 ) -> Result<Response<DeviceActionResponse>, Status> {
     match entry {
         Some(entry) => Ok(Response::new(DeviceActionResponse {
-            device: Some(device_message(&entry)),
+            device: Some(device_message(&entry, detector)),
         })),
         None => Err(Status::not_found(format!(
             "no device {}",
@@ -105,7 +125,7 @@ impl DeviceAdmin for AdminService {
             .registry
             .list()
             .iter()
-            .map(|entry| device_message(entry))
+            .map(|entry| device_message(entry, &self.detector))
             .collect();
         Ok(Response::new(ListDevicesResponse { devices }))
     }
@@ -115,7 +135,7 @@ impl DeviceAdmin for AdminService {
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
         let device_id = request.into_inner().device_id;
-        found(self.ingest.registry.get(&device_id), &device_id)
+        self.found(self.ingest.registry.get(&device_id), &device_id)
     }
 
     async fn quarantine_device(
@@ -132,15 +152,38 @@ impl DeviceAdmin for AdminService {
             .ingest
             .quarantine(&request.device_id, reason)
             .map_err(internal)?;
-        found(entry, &request.device_id)
+        if let Some(entry) = &entry {
+            self.observations.send_decision(Observation::StatusChanged {
+                device_id: entry.id.clone(),
+                quarantined: true,
+                reason: reason.to_owned(),
+            });
+            // The quarantine itself is durable already; the detector also re-reads the
+            // registry for quarantined devices, so a full queue only delays its view.
+        }
+        self.found(entry, &request.device_id)
     }
 
     async fn release_device(
         &self,
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
-        let device_id = request.into_inner().device_id;
+        let request = request.into_inner();
+        let device_id = request.device_id;
         let entry = self.ingest.release(&device_id).map_err(internal)?;
-        found(entry, &device_id)
+        if let Some(entry) = &entry {
+            let reason = if request.reason.is_empty() {
+                "released by the SOC".to_owned()
+            } else {
+                request.reason
+            };
+            self.observations.send_decision(Observation::StatusChanged {
+                device_id: entry.id.clone(),
+                quarantined: false,
+                reason,
+            });
+            // As for a quarantine: the registry is the truth, the detector catches up.
+        }
+        self.found(entry, &device_id)
     }
 }

@@ -10,7 +10,11 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vigil_proto::v1::device_admin_client::DeviceAdminClient;
-use vigil_proto::v1::{AddDevicesRequest, Device, DeviceActionRequest, ListDevicesRequest};
+use vigil_proto::v1::soc_client::SocClient;
+use vigil_proto::v1::{
+    AckAlertRequest, AddDevicesRequest, Alert, Device, DeviceActionRequest, ListDevicesRequest,
+    StreamAlertsRequest,
+};
 
 /// Devices per enrollment request when importing a file.
 const IMPORT_CHUNK: usize = 5_000;
@@ -35,22 +39,57 @@ impl Client {
         Ok(Self { channel, token })
     }
 
-    fn admin(
-        &self,
-    ) -> anyhow::Result<DeviceAdminClient<InterceptedService<Channel, AuthInterceptor>>> {
+    /// Adds the bearer token to every call.
+    fn authorization(&self) -> anyhow::Result<AuthInterceptor> {
         let header: MetadataValue<_> = format!("Bearer {}", self.token)
             .parse()
             .context("the token contains characters not allowed in a header")?;
-        let interceptor: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
+        Ok(Box::new(move |mut request: tonic::Request<()>| {
             request
                 .metadata_mut()
                 .insert("authorization", header.clone());
             Ok(request)
-        });
+        }))
+    }
+
+    fn admin(
+        &self,
+    ) -> anyhow::Result<DeviceAdminClient<InterceptedService<Channel, AuthInterceptor>>> {
         Ok(
-            DeviceAdminClient::with_interceptor(self.channel.clone(), interceptor)
+            DeviceAdminClient::with_interceptor(self.channel.clone(), self.authorization()?)
                 .max_decoding_message_size(64 * 1024 * 1024),
         )
+    }
+
+    fn soc(&self) -> anyhow::Result<SocClient<InterceptedService<Channel, AuthInterceptor>>> {
+        Ok(SocClient::with_interceptor(
+            self.channel.clone(),
+            self.authorization()?,
+        ))
+    }
+
+    /// The stream of alerts after `after_id`.
+    pub(crate) async fn stream_alerts(
+        &self,
+        after_id: u64,
+    ) -> anyhow::Result<tonic::Streaming<Alert>> {
+        Ok(self
+            .soc()?
+            .stream_alerts(StreamAlertsRequest { after_id })
+            .await?
+            .into_inner())
+    }
+
+    pub(crate) async fn ack_alert(&self, alert_id: u64, note: &str) -> anyhow::Result<Alert> {
+        self.soc()?
+            .ack_alert(AckAlertRequest {
+                alert_id,
+                note: note.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .alert
+            .context("server answered without an alert")
     }
 
     /// Enrolls devices; returns how many were new.
@@ -197,16 +236,73 @@ pub(crate) fn format_batches(
 
 pub(crate) fn format_devices(devices: &[Device]) -> String {
     let mut out = format!(
-        "{:<40} {:<24} {:<12} {}\n",
-        "DEVICE", "CLASS", "STATUS", "PUBLIC KEY"
+        "{:<40} {:<24} {:<12} {:<5} {}\n",
+        "DEVICE", "CLASS", "STATUS", "RISK", "PUBLIC KEY"
     );
     for device in devices {
         out.push_str(&format!(
-            "{:<40} {:<24} {:<12} {}\n",
-            device.device_id, device.class, device.status, device.public_key_hex
+            "{:<40} {:<24} {:<12} {:<5.2} {}\n",
+            device.device_id, device.class, device.status, device.risk, device.public_key_hex
         ));
     }
     out
+}
+
+/// One alert on one line. Device ids and summaries may carry an attacker's text: they are
+/// escaped, never printed raw.
+pub(crate) fn format_alert(alert: &Alert, json: bool) -> String {
+    if json {
+        let evidence: Vec<serde_json::Value> = alert
+            .evidence
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "feature": e.feature,
+                    "observed": e.observed,
+                    "expected": e.expected,
+                    "deviation": e.deviation,
+                })
+            })
+            .collect();
+        return serde_json::json!({
+            "alert_id": alert.alert_id,
+            "device_id": alert.device_id,
+            "device_class": alert.device_class,
+            "raised_at_ms": alert.raised_at_ms,
+            "detector": alert.detector,
+            "severity": alert.severity,
+            "score": alert.score,
+            "summary": alert.summary,
+            "evidence": evidence,
+            "action": alert.action,
+            "acknowledged": alert.acknowledged,
+        })
+        .to_string();
+    }
+    let evidence: Vec<String> = alert
+        .evidence
+        .iter()
+        .map(|e| {
+            format!(
+                "{}={:.2} (normal {:.2}, {:+.2})",
+                e.feature.escape_default(),
+                e.observed,
+                e.expected,
+                e.deviation
+            )
+        })
+        .collect();
+    format!(
+        "#{} {} {:<8} {} [{}] {}: {} | {}",
+        alert.alert_id,
+        alert.raised_at_ms,
+        alert.severity,
+        alert.device_id.escape_default(),
+        alert.detector,
+        alert.action,
+        alert.summary.escape_default(),
+        evidence.join(", ")
+    )
 }
 
 #[cfg(test)]

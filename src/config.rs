@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
+use vigil_detect::DetectConfig;
 use vigil_ingest::IngestConfig;
 use vigil_store::StoreConfig;
 
@@ -25,6 +26,8 @@ pub(crate) struct VigilConfig {
     pub(crate) ingest: IngestConfig,
     /// The write-ahead log, hot tier and Parquet files.
     pub(crate) store: StoreSettings,
+    /// Detection, risk, response policy per device class, and the fleet model.
+    pub(crate) detect: DetectConfig,
 }
 
 /// Storage settings as written in the file; the data directory comes from the top level.
@@ -65,6 +68,7 @@ impl Default for VigilConfig {
             log_format: "text".to_owned(),
             ingest: IngestConfig::default(),
             store: StoreSettings::default(),
+            detect: DetectConfig::default(),
         }
     }
 }

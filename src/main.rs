@@ -8,6 +8,7 @@ mod auth;
 mod client;
 mod config;
 mod demo;
+mod drill;
 mod http;
 mod server;
 
@@ -38,12 +39,33 @@ enum Command {
     Run(RunArgs),
     /// Start a server on loopback with a fresh data directory and run a simulated fleet.
     Demo(demo::DemoArgs),
+    /// Run a detection exercise: a healthy fleet, one attacked device per scenario, and a
+    /// detection report against the attacks' ground truth.
+    Drill(drill::DrillArgs),
     /// Enroll, list and act on devices.
     Devices {
         #[command(flatten)]
         connection: ConnectionArgs,
         #[command(subcommand)]
         command: DevicesCommand,
+    },
+    /// Follow and acknowledge the SOC's alerts.
+    Alerts {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+    /// Run the streaming detector over a Numenta Anomaly Benchmark directory and score it.
+    Nab {
+        /// A directory laid out like NAB: data/<category>/<series>.csv and
+        /// labels/combined_windows.json (config/profiles.json optional).
+        data_dir: PathBuf,
+        /// Write per-series results (timestamp,value,anomaly_score,label) under this directory.
+        #[arg(long)]
+        results_dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "vigil")]
+        detector: NabDetector,
     },
     /// Run a SQL query over Flight SQL.
     Sql {
@@ -54,6 +76,40 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AlertsCommand {
+    /// Print alerts as they are raised, starting after `--since`; reconnects on its own and
+    /// resumes after the last alert it printed.
+    Tail {
+        /// Start after this alert id (0: from the oldest kept alert).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: AlertFormat,
+        /// Stop after printing this many alerts.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Acknowledge an alert.
+    Ack {
+        alert_id: u64,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AlertFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum NabDetector {
+    Vigil,
+    Zscore,
 }
 
 #[derive(Debug, Args)]
@@ -130,10 +186,34 @@ fn main() -> anyhow::Result<()> {
             init_logging("text", "warn");
             runtime.block_on(demo::run(args))
         }
+        Command::Drill(args) => {
+            init_logging("text", "warn");
+            let report = runtime.block_on(drill::run(args))?;
+            println!("\n{report}");
+            Ok(())
+        }
         Command::Devices {
             connection,
             command,
         } => runtime.block_on(devices(connection, command)),
+        Command::Alerts {
+            connection,
+            command,
+        } => runtime.block_on(alerts(connection, command)),
+        Command::Nab {
+            data_dir,
+            results_dir,
+            detector,
+        } => {
+            let kind = match detector {
+                NabDetector::Vigil => vigil_detect::nab::DetectorKind::Vigil,
+                NabDetector::Zscore => vigil_detect::nab::DetectorKind::RollingZScore,
+            };
+            let report = vigil_detect::nab::run_benchmark(&data_dir, results_dir.as_deref(), kind)
+                .with_context(|| format!("cannot score {}", data_dir.display()))?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Sql {
             connection,
             query,
@@ -242,6 +322,54 @@ async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow:
         }
     }
     Ok(())
+}
+
+async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::Result<()> {
+    let client = connection.connect().await?;
+    match command {
+        AlertsCommand::Tail {
+            since,
+            format,
+            limit,
+        } => {
+            let json = matches!(format, AlertFormat::Json);
+            let mut last = since;
+            let mut printed = 0u64;
+            loop {
+                let mut stream = match client.stream_alerts(last).await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        eprintln!("alert stream unavailable ({error:#}); retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    match stream.message().await {
+                        Ok(Some(alert)) => {
+                            last = alert.alert_id;
+                            println!("{}", client::format_alert(&alert, json));
+                            printed += 1;
+                            if limit.is_some_and(|limit| printed >= limit) {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            eprintln!("alert stream broke ({status}); resuming after #{last}");
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        AlertsCommand::Ack { alert_id, note } => {
+            let alert = client.ack_alert(alert_id, &note).await?;
+            println!("{}", client::format_alert(&alert, false));
+            Ok(())
+        }
+    }
 }
 
 fn init_logging(format: &str, default_level: &str) {

@@ -1,22 +1,35 @@
-//! Wiring of one vigil process: store, ingest, gRPC (administration and Flight SQL) and HTTP.
+//! Wiring of one vigil process: store, ingest, detection, gRPC (administration, SOC and Flight
+//! SQL) and HTTP.
 //!
 //! Start order: the store first (it replays the write-ahead log and hands back the replay-guard
-//! state), then ingest with that state, then the listeners. Stop order is the reverse: no new
-//! readings, then the store drains its queue and syncs.
+//! state), then ingest with that state and the detector's queue, then the detector (which acts
+//! on ingest through [`GatewayResponder`]), then the listeners. Stop order is the reverse: no
+//! new readings, then the store drains its queue and syncs. Alerts are fsynced as they are
+//! raised, so the detector needs no stop step.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray, UInt64Array,
+};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
+use vigil_detect::alerts::AlertLog;
+use vigil_detect::fleet::FleetModel;
+use vigil_detect::service::SocService;
+use vigil_detect::{Detector, Responder, observation_queue};
 use vigil_ingest::Ingest;
-use vigil_ingest::registry::DeviceRegistry;
+use vigil_ingest::registry::{DeviceRegistry, DeviceStatus};
 use vigil_proto::v1::device_admin_server::DeviceAdminServer;
+use vigil_proto::v1::soc_server::SocServer;
 use vigil_store::Store;
 
 use crate::admin::AdminService;
@@ -31,6 +44,8 @@ const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) struct RunningServer {
     pub(crate) store: Store,
     pub(crate) ingest: Arc<Ingest>,
+    /// Held so that the detector's threads live as long as the server.
+    _detector: Arc<Detector>,
     pub(crate) mqtt_address: SocketAddr,
     pub(crate) grpc_address: SocketAddr,
     pub(crate) http_address: SocketAddr,
@@ -56,21 +71,36 @@ impl RunningServer {
             "store opened"
         );
 
+        let (observations, observed) = observation_queue(config.detect.queue_capacity);
         let ingest = Arc::new(
             Ingest::start(
                 &config.ingest,
                 &config.data_dir,
                 recovered,
                 store.wal_sender(),
+                observations.clone(),
             )
             .context("cannot start the MQTT gateway")?,
         );
-        let registry = ingest.registry.clone();
-        store.set_devices_source(Arc::new(move || devices_batch(&registry)));
+        let alerts = AlertLog::open(&config.data_dir, config.detect.max_alerts_in_memory)
+            .context("cannot open the alert log")?;
+        let responder = Arc::new(GatewayResponder {
+            ingest: ingest.clone(),
+        });
+        let detector = Arc::new(
+            Detector::start(config.detect.clone(), alerts.clone(), observed, responder)
+                .context("cannot start the detector")?,
+        );
+
+        let (registry, risks) = (ingest.registry.clone(), detector.clone());
+        store.set_devices_source(Arc::new(move || devices_batch(&registry, &risks)));
+        let alert_log = alerts.clone();
+        store.set_alerts_source(Arc::new(move || alerts_batch(&alert_log)));
 
         let mut metrics = Registry::default();
         ingest.metrics.register(&mut metrics);
         store.register_metrics(&mut metrics);
+        detector.metrics.register(&mut metrics);
 
         let (stop, stopped) = watch::channel(false);
         let grpc_listener = TcpListener::bind(config.grpc_listen)
@@ -85,8 +115,15 @@ impl RunningServer {
         let grpc = tokio::spawn(serve_grpc(
             grpc_listener,
             auth,
-            ingest.clone(),
+            AdminService::new(ingest.clone(), detector.clone(), observations),
+            SocService::new(alerts),
             store.clone(),
+            wait_for_stop(stopped.clone()),
+        ));
+        let retrain = tokio::spawn(retrain_fleet_model(
+            store.clone(),
+            detector.clone(),
+            config.detect.fleet.clone(),
             wait_for_stop(stopped.clone()),
         ));
         let http = tokio::spawn(async move {
@@ -102,10 +139,11 @@ impl RunningServer {
             mqtt_address: ingest.mqtt_address(),
             store,
             ingest,
+            _detector: detector,
             grpc_address,
             http_address,
             stop,
-            tasks: vec![grpc, http],
+            tasks: vec![grpc, http, retrain],
         })
     }
 
@@ -131,14 +169,16 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
 async fn serve_grpc(
     listener: TcpListener,
     auth: BearerAuth,
-    ingest: Arc<Ingest>,
+    admin: AdminService,
+    soc: SocService,
     store: Store,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let admin_auth = auth.clone();
-    let admin = DeviceAdminServer::new(AdminService::new(ingest))
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let admin = DeviceAdminServer::new(admin).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let admin = InterceptedService::new(admin, move |request| admin_auth.check(request));
+    let soc_auth = auth.clone();
+    let soc = InterceptedService::new(SocServer::new(soc), move |request| soc_auth.check(request));
     let flight = InterceptedService::new(vigil_store::flight_sql_service(store), move |request| {
         auth.check(request)
     });
@@ -146,6 +186,7 @@ async fn serve_grpc(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let served = tonic::transport::Server::builder()
         .add_service(admin)
+        .add_service(soc)
         .add_service(flight)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
@@ -154,8 +195,153 @@ async fn serve_grpc(
     }
 }
 
+/// The detector's hands on the gateway and the registry.
+struct GatewayResponder {
+    ingest: Arc<Ingest>,
+}
+
+impl Responder for GatewayResponder {
+    fn device_class(&self, device_id: &str) -> Option<Arc<str>> {
+        self.ingest
+            .registry
+            .get(device_id)
+            .map(|entry| entry.class.clone())
+    }
+
+    fn is_quarantined(&self, device_id: &str) -> bool {
+        self.ingest
+            .registry
+            .get(device_id)
+            .is_some_and(|entry| entry.status() == DeviceStatus::Quarantined)
+    }
+
+    fn quarantine(&self, device_id: &str, reason: &str) -> bool {
+        match self.ingest.quarantine(device_id, reason) {
+            Ok(entry) => entry.is_some(),
+            Err(error) => {
+                tracing::error!(device_id, %error, "cannot record a quarantine");
+                false
+            }
+        }
+    }
+
+    fn set_suspect(&self, device_id: &str, suspect: bool) {
+        if let Err(error) = self.ingest.set_suspect(device_id, suspect) {
+            tracing::error!(device_id, %error, "cannot record a device's suspicion");
+        }
+    }
+
+    fn throttle_peer(&self, peer: &str, duration: Duration) {
+        self.ingest.throttle.throttle(peer, duration);
+    }
+}
+
+/// Retrains the fleet model from stored history on a schedule, from the readings of devices
+/// that are `active`. The first training waits for enough history (one interval).
+async fn retrain_fleet_model(
+    store: Store,
+    detector: Arc<Detector>,
+    config: vigil_detect::fleet::FleetConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let interval = Duration::from_secs(config.retrain_interval_s.max(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match train_fleet_model(&store, &config).await {
+            Ok(model) => {
+                tracing::info!(models = model.len(), "fleet model retrained");
+                detector.set_fleet_model(model);
+            }
+            Err(error) => tracing::warn!(%error, "fleet model not retrained"),
+        }
+    }
+}
+
+/// Queries the training history and fits one model per (class, metric).
+pub(crate) async fn train_fleet_model(
+    store: &Store,
+    config: &vigil_detect::fleet::FleetConfig,
+) -> anyhow::Result<FleetModel> {
+    let query = format!(
+        "SELECT r.device_id, d.class, r.metric, r.value FROM readings r \
+         JOIN devices d ON r.device_id = d.device_id \
+         WHERE d.status = 'active' AND r.received_at > now() - INTERVAL '{} minutes' \
+         ORDER BY r.device_id, r.metric, r.seq",
+        config.training_history_min.max(1)
+    );
+    let batches = store.sql(&query).await?;
+
+    let mut series: HashMap<(String, String), Vec<Vec<f64>>> = HashMap::new();
+    let mut current: Option<(String, String, String)> = None;
+    for batch in &batches {
+        let column = |index: usize| batch.column(index).as_any();
+        let (Some(devices), Some(classes), Some(metrics), Some(values)) = (
+            column(0).downcast_ref::<StringArray>(),
+            column(1).downcast_ref::<StringArray>(),
+            column(2).downcast_ref::<StringArray>(),
+            column(3).downcast_ref::<Float64Array>(),
+        ) else {
+            anyhow::bail!("unexpected column types in the training query");
+        };
+        for row in 0..batch.num_rows() {
+            let key = (devices.value(row), classes.value(row), metrics.value(row));
+            let same = current
+                .as_ref()
+                .is_some_and(|(d, c, m)| (d.as_str(), c.as_str(), m.as_str()) == key);
+            let per_device = series
+                .entry((key.1.to_owned(), key.2.to_owned()))
+                .or_default();
+            if !same {
+                per_device.push(Vec::new());
+                current = Some((key.0.to_owned(), key.1.to_owned(), key.2.to_owned()));
+            }
+            if let Some(values_of_device) = per_device.last_mut() {
+                values_of_device.push(values.value(row));
+            }
+        }
+    }
+    let config = config.clone();
+    Ok(tokio::task::spawn_blocking(move || FleetModel::train(&series, &config)).await?)
+}
+
+/// The `alerts` table, built from the alert log at query time.
+fn alerts_batch(log: &AlertLog) -> RecordBatch {
+    let alerts = log.all();
+    let text = |f: &dyn Fn(&vigil_detect::alerts::Alert) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(alerts.iter().map(f)))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(
+            alerts.iter().map(|a| a.alert_id),
+        )),
+        text(&|a| a.device_id.clone()),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(alerts.iter().map(|a| a.raised_at_ms))
+                .with_timezone("UTC"),
+        ),
+        text(&|a| a.detector.clone()),
+        text(&|a| a.severity.as_str().to_owned()),
+        Arc::new(Float64Array::from_iter_values(
+            alerts.iter().map(|a| a.score),
+        )),
+        text(&|a| a.summary.clone()),
+        text(&|a| a.action.as_str().to_owned()),
+        text(&|a| serde_json::to_string(&a.evidence).unwrap_or_default()),
+        Arc::new(BooleanArray::from(
+            alerts.iter().map(|a| a.acknowledged).collect::<Vec<_>>(),
+        )),
+        text(&|a| a.device_class.clone()),
+    ];
+    RecordBatch::try_new(Store::alerts_schema(), columns)
+        .unwrap_or_else(|_| RecordBatch::new_empty(Store::alerts_schema()))
+}
+
 /// The `devices` table, built from the registry at query time.
-fn devices_batch(registry: &DeviceRegistry) -> RecordBatch {
+fn devices_batch(registry: &DeviceRegistry, detector: &Detector) -> RecordBatch {
     let devices = registry.list();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
@@ -177,7 +363,9 @@ fn devices_batch(registry: &DeviceRegistry) -> RecordBatch {
             )
             .with_timezone("UTC"),
         ),
-        Arc::new(Float64Array::from_iter_values(devices.iter().map(|_| 0.0))),
+        Arc::new(Float64Array::from_iter_values(
+            devices.iter().map(|d| detector.risk_of(&d.id)),
+        )),
     ];
     RecordBatch::try_new(Store::devices_schema(), columns)
         .unwrap_or_else(|_| RecordBatch::new_empty(Store::devices_schema()))

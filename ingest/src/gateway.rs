@@ -16,22 +16,24 @@ use std::time::Instant;
 
 use ntex::service::cfg::SharedCfg;
 use ntex::service::{fn_factory_with_config, fn_service};
-use ntex::time::Seconds;
+use ntex::time::{Millis, Seconds};
 use ntex::util::{ByteString, Bytes, Ready};
 use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, v3, v5};
 use prost::Message;
 use tokio::sync::oneshot;
+use vigil_detect::{EventKind, ObservationSender};
 use vigil_proto::v1::Notice;
 use vigil_proto::{notices_topic, readings_topic};
 use vigil_store::Rejection;
 
-use crate::login::LoginChecker;
+use crate::login::{LoginChecker, LoginRefusal};
 use crate::metrics::IngestMetrics;
 use crate::payload::check_payload;
 use crate::reasons::RefusalReason;
 use crate::recorder::RejectionRecorder;
 use crate::registry::DeviceEntry;
 use crate::sessions::{CloseOrder, SessionTable};
+use crate::throttle::PeerThrottle;
 use crate::verifier::{Verdict, VerifierPool, VerifyJob};
 use crate::{now_ms, now_unix_s};
 
@@ -54,6 +56,9 @@ pub struct GatewayContext {
     pub sessions: Arc<SessionTable>,
     pub recorder: RejectionRecorder,
     pub metrics: Arc<IngestMetrics>,
+    /// Security events for the detector; never blocks.
+    pub observations: ObservationSender,
+    pub throttle: Arc<PeerThrottle>,
 }
 
 /// Error that ends a connection; v3.1.1 has no other way to refuse a publish.
@@ -178,26 +183,40 @@ impl GatewayContext {
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-        peer: &str,
+        peer: &Arc<str>,
     ) -> Option<Arc<DeviceEntry>> {
-        match self
-            .logins
-            .check(client_id, username, password, now_unix_s())
-        {
+        let checked = if self.throttle.is_throttled(peer) {
+            Err(LoginRefusal::Throttled)
+        } else {
+            self.logins
+                .check(client_id, username, password, now_unix_s())
+        };
+        match checked {
             Ok(device) => {
                 self.metrics.logins_accepted.inc();
+                self.observations
+                    .security(&device.id, EventKind::LoginAccepted, peer);
                 Some(device)
             }
             Err(refusal) => {
                 self.metrics.login_refused(refusal);
                 tracing::debug!(reason = refusal.as_str(), %peer, "login refused");
+                // A throttled peer was counted already; telling the detector again would
+                // only let a flood cost it work.
+                if refusal != LoginRefusal::Throttled {
+                    self.observations.security(
+                        &truncate_chars(client_id, 64),
+                        EventKind::LoginRefused,
+                        peer,
+                    );
+                }
                 self.recorder.record(
                     Rejection {
                         device_id: client_id.to_owned(),
                         received_at_ms: now_ms(),
                         reason: refusal.as_str().to_owned(),
                         detail: String::new(),
-                        peer: peer.to_owned(),
+                        peer: peer.to_string(),
                     },
                     None,
                 );
@@ -217,6 +236,8 @@ impl GatewayContext {
         self.metrics.connected_devices.inc();
         if replaced {
             self.metrics.sessions_replaced.inc();
+            self.observations
+                .security(&device.id, EventKind::SessionReplaced, &peer);
             tracing::info!(device_id = %device.id, %peer, "new login replaced a live session");
         }
 
@@ -245,6 +266,8 @@ impl GatewayContext {
         detail: String,
     ) -> Outcome {
         self.metrics.refused(reason);
+        self.observations
+            .security(&session.device.id, reason.event_kind(), &session.peer);
         let (durable, stored) = oneshot::channel();
         let rejection = Rejection {
             device_id: session.device.id.to_string(),
@@ -324,6 +347,9 @@ impl GatewayContext {
     }
 }
 
+/// Longest wait for a device to acknowledge its quarantine notice before the close.
+const NOTICE_ACK_WAIT: Millis = Millis(250);
+
 async fn close_on_order(
     order: oneshot::Receiver<CloseOrder>,
     sink: SessionSink,
@@ -342,11 +368,21 @@ async fn close_on_order(
         };
         let payload = Bytes::from(notice.encode_to_vec());
         let topic = ByteString::from(&*notices);
-        // Best effort: the session is closed whether or not the notice could be sent.
-        let _ = match &sink {
-            SessionSink::V3(sink) => sink.publish(topic).send_at_most_once(payload).map_err(drop),
-            SessionSink::V5(sink) => sink.publish(topic).send_at_most_once(payload).map_err(drop),
+        // QoS 1, so that the close waits until the device has the notice (closing right
+        // after a QoS 0 publish can drop it from the write buffer). A device that does not
+        // acknowledge holds the close up for at most `NOTICE_ACK_WAIT`; its readings are
+        // refused meanwhile. Best effort: the session is closed either way.
+        let acknowledged = match &sink {
+            SessionSink::V3(sink) => {
+                let sent = sink.publish(topic).send_at_least_once(payload);
+                matches!(ntex::time::timeout(NOTICE_ACK_WAIT, sent).await, Ok(Ok(())))
+            }
+            SessionSink::V5(sink) => {
+                let sent = sink.publish(topic).send_at_least_once(payload);
+                matches!(ntex::time::timeout(NOTICE_ACK_WAIT, sent).await, Ok(Ok(_)))
+            }
         };
+        tracing::debug!(acknowledged, "quarantine notice sent");
     }
 
     match sink {
@@ -560,6 +596,14 @@ pub(crate) fn mqtt_service<F: ntex::io::Filter>(
     MqttServer::new().v3(v3_server).v5(v5_server)
 }
 
+/// Notices go out with QoS 1 (see [`close_on_order`]); a subscription gets at most that.
+fn granted_qos(requested: QoS) -> QoS {
+    match requested {
+        QoS::AtMostOnce => QoS::AtMostOnce,
+        QoS::AtLeastOnce | QoS::ExactlyOnce => QoS::AtLeastOnce,
+    }
+}
+
 fn protocol_v3(
     context: &GatewayContext,
     session: &DeviceSession,
@@ -569,9 +613,14 @@ fn protocol_v3(
         v3::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut subscription in subscribe.iter_mut() {
                 if subscribe_allowed(session, subscription.topic()) {
-                    subscription.confirm(QoS::AtMostOnce);
+                    subscription.confirm(granted_qos(subscription.qos()));
                 } else {
                     context.metrics.subscriptions_refused.inc();
+                    context.observations.security(
+                        &session.device.id,
+                        EventKind::SubscribeRefused,
+                        &session.peer,
+                    );
                     subscription.fail();
                 }
             }
@@ -591,9 +640,14 @@ fn protocol_v5(
         v5::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut subscription in subscribe.iter_mut() {
                 if subscribe_allowed(session, subscription.topic()) {
-                    subscription.confirm(QoS::AtMostOnce);
+                    subscription.confirm(granted_qos(subscription.options().qos));
                 } else {
                     context.metrics.subscriptions_refused.inc();
+                    context.observations.security(
+                        &session.device.id,
+                        EventKind::SubscribeRefused,
+                        &session.peer,
+                    );
                     subscription.fail(v5::codec::SubscribeAckReason::NotAuthorized);
                 }
             }

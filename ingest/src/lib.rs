@@ -14,6 +14,7 @@ pub mod reasons;
 pub mod recorder;
 pub mod registry;
 pub mod sessions;
+pub mod throttle;
 pub mod tls;
 pub mod verifier;
 
@@ -24,6 +25,7 @@ use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use vigil_detect::ObservationSender;
 use vigil_store::{RecoveredState, WalSender};
 
 use crate::gateway::{GatewayContext, GatewaySettings};
@@ -33,6 +35,7 @@ use crate::nonces::NonceCache;
 use crate::recorder::RejectionRecorder;
 use crate::registry::{DeviceEntry, DeviceRegistry, DeviceStatus};
 use crate::sessions::{CloseOrder, SessionTable};
+use crate::throttle::PeerThrottle;
 use crate::verifier::{VerifierPool, VerifierSettings};
 
 /// Errors of the ingest side; each names what an operator needs to act on it.
@@ -139,6 +142,8 @@ pub struct Ingest {
     pub registry: Arc<DeviceRegistry>,
     pub sessions: Arc<SessionTable>,
     pub metrics: Arc<IngestMetrics>,
+    /// Peers whose logins are refused unchecked for a while.
+    pub throttle: Arc<PeerThrottle>,
     mqtt_address: SocketAddr,
     mqtt_tls_address: Option<SocketAddr>,
     /// The ntex server handle is not `Sync`; the lock makes `Ingest` shareable.
@@ -147,12 +152,14 @@ pub struct Ingest {
 
 impl Ingest {
     /// Opens the registry and nonce cache under `data_dir`, starts the verifier threads with
-    /// the recovered replay-guard state, and starts the MQTT listener.
+    /// the recovered replay-guard state, and starts the MQTT listener. Accepted readings and
+    /// security events go to `observations`.
     pub fn start(
         config: &IngestConfig,
         data_dir: &Path,
         recovered: RecoveredState,
         wal: WalSender,
+        observations: ObservationSender,
     ) -> Result<Self> {
         let cores = thread::available_parallelism()
             .map(|n| n.get())
@@ -161,6 +168,7 @@ impl Ingest {
         let registry = Arc::new(DeviceRegistry::open(data_dir)?);
         let nonces = NonceCache::open(data_dir, now_unix_s())?;
         let sessions = Arc::new(SessionTable::default());
+        let throttle = Arc::new(PeerThrottle::default());
 
         let verifier = VerifierPool::start(
             &VerifierSettings {
@@ -176,6 +184,7 @@ impl Ingest {
             recovered,
             wal.clone(),
             metrics.clone(),
+            observations.clone(),
         )?;
         let recorder = RejectionRecorder::start(wal, 16_384, metrics.clone())?;
 
@@ -193,6 +202,8 @@ impl Ingest {
             sessions: sessions.clone(),
             recorder,
             metrics: metrics.clone(),
+            observations,
+            throttle: throttle.clone(),
         });
 
         if !config.mqtt_listen.ip().is_loopback() && !config.allow_plaintext {
@@ -253,6 +264,7 @@ impl Ingest {
             registry,
             sessions,
             metrics,
+            throttle,
             mqtt_address,
             mqtt_tls_address,
             mqtt_server,
@@ -290,6 +302,19 @@ impl Ingest {
             );
         }
         Ok(entry)
+    }
+
+    /// Marks a device suspect, or active again; a quarantined device stays quarantined.
+    pub fn set_suspect(&self, device_id: &str, suspect: bool) -> Result<()> {
+        let next = if suspect {
+            DeviceStatus::Suspect
+        } else {
+            DeviceStatus::Active
+        };
+        self.registry.set_status_if(device_id, next, |current| {
+            current != DeviceStatus::Quarantined
+        })?;
+        Ok(())
     }
 
     /// Restores a device's logins.

@@ -23,6 +23,8 @@ pub enum LoginRefusal {
     BadSignature,
     NonceReused,
     Quarantined,
+    /// The peer failed too many logins recently; its logins are refused unchecked.
+    Throttled,
     ServerError,
 }
 
@@ -38,11 +40,12 @@ impl LoginRefusal {
             LoginRefusal::BadSignature => "login_bad_signature",
             LoginRefusal::NonceReused => "login_nonce_reused",
             LoginRefusal::Quarantined => "login_device_quarantined",
+            LoginRefusal::Throttled => "login_peer_throttled",
             LoginRefusal::ServerError => "login_server_error",
         }
     }
 
-    pub const ALL: [LoginRefusal; 10] = [
+    pub const ALL: [LoginRefusal; 11] = [
         LoginRefusal::MissingCredentials,
         LoginRefusal::IdentityMismatch,
         LoginRefusal::UnknownDevice,
@@ -52,6 +55,7 @@ impl LoginRefusal {
         LoginRefusal::BadSignature,
         LoginRefusal::NonceReused,
         LoginRefusal::Quarantined,
+        LoginRefusal::Throttled,
         LoginRefusal::ServerError,
     ];
 }

@@ -1,5 +1,7 @@
 //! Why a published message was refused, with its metric label and MQTT v5 reason code.
 
+use vigil_detect::EventKind;
+
 /// A refusal of one published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RefusalReason {
@@ -68,6 +70,23 @@ impl RefusalReason {
             | RefusalReason::NoMeasurement
             | RefusalReason::ImplausibleTime => 0x99,
             RefusalReason::Overloaded => 0x97,
+        }
+    }
+
+    /// The security event the detector is told of.
+    pub fn event_kind(self) -> EventKind {
+        match self {
+            RefusalReason::Malformed => EventKind::Malformed,
+            RefusalReason::Oversized => EventKind::Oversized,
+            RefusalReason::NoMeasurement => EventKind::NoMeasurement,
+            RefusalReason::DeviceMismatch => EventKind::DeviceMismatch,
+            RefusalReason::TopicNotAllowed => EventKind::TopicNotAllowed,
+            RefusalReason::ImplausibleTime => EventKind::ImplausibleTime,
+            RefusalReason::BadSignature => EventKind::BadSignature,
+            RefusalReason::Replay => EventKind::Replay,
+            RefusalReason::SeqJumpTooFar => EventKind::SeqJumpTooFar,
+            RefusalReason::Quarantined => EventKind::QuarantinedPublish,
+            RefusalReason::Overloaded => EventKind::Overloaded,
         }
     }
 }

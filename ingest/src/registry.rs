@@ -74,7 +74,7 @@ pub struct Enrollment {
 #[derive(Debug)]
 pub struct DeviceEntry {
     pub id: Arc<str>,
-    pub class: String,
+    pub class: Arc<str>,
     pub key: VerifyingKey,
     pub enrolled_at_ms: i64,
     status: AtomicU8,
@@ -142,7 +142,7 @@ impl DeviceRegistry {
                     })?;
                 let entry = DeviceEntry {
                     id: Arc::from(device.device_id.as_str()),
-                    class: device.class,
+                    class: Arc::from(device.class),
                     key,
                     enrolled_at_ms: device.enrolled_at_ms,
                     status: AtomicU8::new(device.status.to_u8()),
@@ -232,7 +232,7 @@ impl DeviceRegistry {
                 }
                 new_entries.push(DeviceEntry {
                     id: Arc::from(id),
-                    class,
+                    class: Arc::from(class),
                     key,
                     enrolled_at_ms: now,
                     status: AtomicU8::new(DeviceStatus::Active.to_u8()),
@@ -260,10 +260,24 @@ impl DeviceRegistry {
         device_id: &str,
         status: DeviceStatus,
     ) -> Result<Option<Arc<DeviceEntry>>> {
+        self.set_status_if(device_id, status, |_| true)
+    }
+
+    /// Changes a device's status durably if `allowed` accepts its current status (checked
+    /// under the same lock as the write, so no concurrent change slips between).
+    pub fn set_status_if(
+        &self,
+        device_id: &str,
+        status: DeviceStatus,
+        allowed: impl Fn(DeviceStatus) -> bool,
+    ) -> Result<Option<Arc<DeviceEntry>>> {
         let _writer = self.write_lock.lock();
         let Some(entry) = self.get(device_id) else {
             return Ok(None);
         };
+        if !allowed(entry.status()) || entry.status() == status {
+            return Ok(Some(entry));
+        }
 
         let previous = entry.status.swap(status.to_u8(), Ordering::AcqRel);
         let previous_changed = entry.status_changed_at_ms.swap(now_ms(), Ordering::AcqRel);
@@ -283,7 +297,7 @@ impl DeviceRegistry {
             .map(|entry| StoredDevice {
                 device_id: entry.id.to_string(),
                 public_key_hex: entry.public_key_hex(),
-                class: entry.class.clone(),
+                class: entry.class.to_string(),
                 status: entry.status(),
                 enrolled_at_ms: entry.enrolled_at_ms,
                 status_changed_at_ms: entry.status_changed_at_ms(),
@@ -364,7 +378,7 @@ mod tests {
 
         let reopened = DeviceRegistry::open(dir.path()).unwrap();
         assert_eq!(reopened.len(), 2);
-        assert_eq!(reopened.get("a").unwrap().class, DEFAULT_CLASS);
+        assert_eq!(&*reopened.get("a").unwrap().class, DEFAULT_CLASS);
         assert!(reopened.get("b").unwrap().is_quarantined());
     }
 

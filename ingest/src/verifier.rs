@@ -18,6 +18,8 @@ use std::thread;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
+use vigil_detect::events::ReadingObservation;
+use vigil_detect::{Observation, ObservationSender};
 use vigil_proto::contract::READING_CONTEXT;
 use vigil_proto::has_weak_r;
 use vigil_store::{AcceptedReading, Completion, RecoveredState, Rejection, WalEntry, WalSender};
@@ -75,6 +77,7 @@ impl VerifierPool {
         recovered: RecoveredState,
         wal: WalSender,
         metrics: Arc<IngestMetrics>,
+        observations: ObservationSender,
     ) -> Result<Self> {
         let threads = settings.threads.max(1);
         let hasher = std::collections::hash_map::RandomState::new();
@@ -95,6 +98,7 @@ impl VerifierPool {
                 guard,
                 wal: wal.clone(),
                 metrics: metrics.clone(),
+                observations: observations.clone(),
                 max_batch: settings.max_batch.max(1),
             };
             thread::Builder::new()
@@ -137,6 +141,7 @@ struct ShardWorker {
     guard: ReplayGuard,
     wal: WalSender,
     metrics: Arc<IngestMetrics>,
+    observations: ObservationSender,
     max_batch: usize,
 }
 
@@ -189,7 +194,17 @@ impl ShardWorker {
             let entry = match verdict {
                 Verdict::Stored => {
                     self.metrics.readings_accepted.inc();
-                    WalEntry::Reading(accepted_reading(&job))
+                    let reading = accepted_reading(&job);
+                    self.observations
+                        .send(Observation::Reading(ReadingObservation {
+                            device_id: reading.device_id.clone(),
+                            class: job.device.class.clone(),
+                            seq: reading.seq,
+                            sampled_at_ms: reading.sampled_at_ms,
+                            received_at_ms: reading.received_at_ms,
+                            measurements: Arc::from(reading.measurements.as_slice()),
+                        }));
+                    WalEntry::Reading(reading)
                 }
                 Verdict::Resent => {
                     self.metrics.readings_resent.inc();
@@ -197,6 +212,8 @@ impl ShardWorker {
                 }
                 Verdict::Refused(reason) => {
                     self.metrics.refused(reason);
+                    self.observations
+                        .security(&job.device.id, reason.event_kind(), &job.peer);
                     WalEntry::Rejection(refusal_record(&job, reason))
                 }
             };

@@ -10,7 +10,9 @@
 //! - [`fleet`]: device identities, enrollment, run settings and [`run_fleet`].
 //! - [`corpus`]: readings generated and signed ahead of the run.
 //! - [`report`]: the run's report.
+//! - [`attacks`]: attack scenarios with their ground truth, for the detection report.
 
+pub mod attacks;
 pub mod corpus;
 pub mod fleet;
 pub mod profiles;

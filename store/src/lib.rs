@@ -34,7 +34,7 @@ pub use flight::flight_sql_service;
 
 use guard::{GuardState, Snapshot};
 use metrics::Metrics;
-use tables::{Catalog, DevicesSource, DevicesTable, StoreTable, TableKind};
+use tables::{BatchSource, Catalog, SourceTable, StoreTable, TableKind};
 use writer::{Command, Writer};
 
 /// How many recent (seq, signature digest) pairs the replay guard keeps per device.
@@ -189,7 +189,8 @@ pub(crate) struct Shared {
     pub(crate) commands: Sender<Command>,
     /// Serialises flushes; holds what the next snapshot must record.
     pub(crate) flush_state: Mutex<FlushState>,
-    devices_source: RwLock<Option<DevicesSource>>,
+    devices_source: RwLock<Option<BatchSource>>,
+    alerts_source: RwLock<Option<BatchSource>>,
     threads: Mutex<Option<Threads>>,
 }
 
@@ -367,6 +368,7 @@ impl Store {
                 aborted_flushes: snapshot.aborted_flushes.clone(),
             }),
             devices_source: RwLock::new(None),
+            alerts_source: RwLock::new(None),
             threads: Mutex::new(None),
         });
 
@@ -413,6 +415,18 @@ impl Store {
         *self.shared.devices_source.write() = Some(source);
     }
 
+    /// Provider of the `alerts` table (the alert log lives in detect); called per query.
+    pub fn set_alerts_source(&self, source: Arc<dyn Fn() -> RecordBatch + Send + Sync>) {
+        *self.shared.alerts_source.write() = Some(source);
+    }
+
+    /// Schema of the `alerts` table: `alert_id` UInt64, `device_id` Utf8, `raised_at`
+    /// Timestamp(ms, "UTC"), `detector`, `severity` Utf8, `score` Float64, `summary`,
+    /// `action`, `evidence` (JSON) Utf8, `acknowledged` Boolean, `device_class` Utf8.
+    pub fn alerts_schema() -> SchemaRef {
+        tables::alerts_schema()
+    }
+
     /// Schema of the `devices` table: `device_id` Utf8, `class` Utf8, `status` Utf8,
     /// `enrolled_at` and `status_changed_at` Timestamp(ms, "UTC"), `risk` Float64.
     pub fn devices_schema() -> SchemaRef {
@@ -420,7 +434,7 @@ impl Store {
     }
 
     /// A DataFusion session over hot tier + Parquet, tables `readings`, `rejections`,
-    /// `devices`. The session allows every statement DataFusion knows (including DDL that
+    /// `devices`, `alerts`. The session allows every statement DataFusion knows (including DDL that
     /// reads or writes server files); give remote users [`Store::sql`] or Flight SQL instead.
     pub async fn session(&self) -> Result<SessionContext> {
         let config = SessionConfig::new().with_information_schema(true);
@@ -429,8 +443,16 @@ impl Store {
             let table = StoreTable::new(kind, self.shared.catalog.clone());
             context.register_table(kind.name(), Arc::new(table))?;
         }
-        let devices = DevicesTable::new(self.shared.devices_source.read().clone());
+        let devices = SourceTable::new(
+            tables::devices_schema(),
+            self.shared.devices_source.read().clone(),
+        );
         context.register_table("devices", Arc::new(devices))?;
+        let alerts = SourceTable::new(
+            tables::alerts_schema(),
+            self.shared.alerts_source.read().clone(),
+        );
+        context.register_table("alerts", Arc::new(alerts))?;
         Ok(context)
     }
 

@@ -86,6 +86,26 @@ pub(crate) fn devices_schema() -> SchemaRef {
     DEVICES_SCHEMA.clone()
 }
 
+static ALERTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("alert_id", DataType::UInt64, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("raised_at", timestamp_type(), false),
+        Field::new("detector", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("summary", DataType::Utf8, false),
+        Field::new("action", DataType::Utf8, false),
+        Field::new("evidence", DataType::Utf8, false),
+        Field::new("acknowledged", DataType::Boolean, false),
+        Field::new("device_class", DataType::Utf8, false),
+    ]))
+});
+
+pub(crate) fn alerts_schema() -> SchemaRef {
+    ALERTS_SCHEMA.clone()
+}
+
 /// The tables the store writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum TableKind {
@@ -387,32 +407,34 @@ impl TableProvider for StoreTable {
     }
 }
 
-/// Provider of the `devices` batch (the registry lives in ingest).
-pub(crate) type DevicesSource = Arc<dyn Fn() -> RecordBatch + Send + Sync>;
+/// Provider of a table kept elsewhere (`devices` by the registry in ingest, `alerts` by the
+/// alert log in detect), called once per scan.
+pub(crate) type BatchSource = Arc<dyn Fn() -> RecordBatch + Send + Sync>;
 
-/// `devices`: whatever the registry reports at scan time.
-pub(crate) struct DevicesTable {
-    source: Option<DevicesSource>,
+/// A table whose rows some other stage reports at scan time.
+pub(crate) struct SourceTable {
+    schema: SchemaRef,
+    source: Option<BatchSource>,
 }
 
-impl std::fmt::Debug for DevicesTable {
+impl std::fmt::Debug for SourceTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevicesTable")
+        f.debug_struct("SourceTable")
             .field("has_source", &self.source.is_some())
             .finish()
     }
 }
 
-impl DevicesTable {
-    pub(crate) fn new(source: Option<DevicesSource>) -> Self {
-        Self { source }
+impl SourceTable {
+    pub(crate) fn new(schema: SchemaRef, source: Option<BatchSource>) -> Self {
+        Self { schema, source }
     }
 }
 
 #[async_trait]
-impl TableProvider for DevicesTable {
+impl TableProvider for SourceTable {
     fn schema(&self) -> SchemaRef {
-        devices_schema()
+        self.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -426,13 +448,13 @@ impl TableProvider for DevicesTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let schema = devices_schema();
+        let schema = self.schema.clone();
         let batches = match &self.source {
             Some(source) => {
                 let batch = source();
                 if batch.schema().fields() != schema.fields() {
                     return Err(DataFusionError::Execution(format!(
-                        "devices source returned schema {:?}, expected {:?}",
+                        "table source returned schema {:?}, expected {:?}",
                         batch.schema(),
                         schema
                     )));

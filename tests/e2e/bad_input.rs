@@ -88,7 +88,7 @@ fn login_refused_metric(server: &Server, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_logins_get_not_authorized_with_their_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::start_without_cut_off(&dir.path().join("data"));
     let device = TestDevice::new("glucose-7");
     server.enroll(&[&device]);
 
@@ -164,7 +164,7 @@ async fn refused_logins_get_not_authorized_with_their_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_readings_are_refused_with_v5_reason_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::start_without_cut_off(&dir.path().join("data"));
     let device = TestDevice::new("spo2-12");
     let neighbour = TestDevice::new("spo2-13");
     server.enroll(&[&device, &neighbour]);
@@ -301,7 +301,7 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v3_acl_violations_close_the_session_or_fail_the_subscription() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::start_without_cut_off(&dir.path().join("data"));
     let device = TestDevice::new("bp-cuff-1");
     let neighbour = TestDevice::new("bp-cuff-2");
     server.enroll(&[&device, &neighbour]);
@@ -369,7 +369,7 @@ async fn v3_acl_violations_close_the_session_or_fail_the_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_dropped_and_never_delays_others() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::start_without_cut_off(&dir.path().join("data"));
     let device = TestDevice::new("thermo-1");
     server.enroll(&[&device]);
 

@@ -66,10 +66,16 @@ async fn signed_readings_are_acknowledged_then_queryable() {
         "--format",
         "csv",
     ]);
-    assert!(
-        devices_table.contains("icu-bed-00.spo2,pulse_oximeter,active"),
-        "{devices_table}"
-    );
+    // Two hundred readings in a second is far above a monitor's usual rate: the detector may
+    // have marked the devices suspect, but never quarantined (a burst needs no key to fake).
+    for device in &devices {
+        let row = format!("{},pulse_oximeter,", device.id);
+        let status = devices_table
+            .lines()
+            .find_map(|line| line.strip_prefix(&row))
+            .unwrap_or_else(|| panic!("{row} missing from:\n{devices_table}"));
+        assert!(["active", "suspect"].contains(&status), "{devices_table}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,18 @@ impl Server {
         Self::start_with(data_dir, &[])
     }
 
+    /// Starts with the detector told to propose cut-offs instead of making them, so that a
+    /// test can send one bad message after another on the same session and see each refusal.
+    pub fn start_without_cut_off(data_dir: &Path) -> Self {
+        let config = data_dir.with_extension("alert-only.toml");
+        std::fs::write(
+            &config,
+            "[detect]\ndefault_policy = \"alert_and_confirm\"\n",
+        )
+        .unwrap();
+        Self::start_with(data_dir, &["--config", config.to_str().unwrap()])
+    }
+
     /// Starts with extra `vigil run` arguments (e.g. a config file).
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
         let mut server = Server {
