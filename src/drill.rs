@@ -194,7 +194,7 @@ pub(crate) async fn run(args: DrillArgs) -> anyhow::Result<DrillReport> {
             bystanders: bystanders.clone(),
             server: server.mqtt_address,
             source: IpAddr::V4(if *scenario == Scenario::CredentialStuffing {
-                Ipv4Addr::new(127, 0, 0, 3)
+                STUFFING_SOURCE
             } else {
                 Ipv4Addr::new(127, 0, 0, 2)
             }),
@@ -270,6 +270,29 @@ async fn collect_alerts(client: Client, alerts: Arc<Mutex<Vec<Alert>>>) {
     }
 }
 
+/// Detectors that need no key: their alerts are about a source address, and name whichever
+/// device id its failed logins used last.
+const KEYLESS_DETECTORS: [&str; 2] = ["rule.credential_stuffing", "rule.login_flood"];
+
+/// Source address of the credential-stuffing attacker; every other attacker uses `127.0.0.2`.
+const STUFFING_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+/// Whether `alert` answers `scenario` on `device_id`. The stuffing scenario is answered by a
+/// source throttled for its failed logins (the alert names the address and whichever device id
+/// tipped it) or a login flood under its victim's id; every other scenario by the keyed
+/// alerts of its device.
+fn belongs_to(alert: &Alert, scenario: Scenario, device_id: &str) -> bool {
+    let keyless = KEYLESS_DETECTORS.contains(&alert.detector.as_str());
+    if scenario != Scenario::CredentialStuffing {
+        return !keyless && alert.device_id == device_id;
+    }
+    match alert.detector.as_str() {
+        "rule.credential_stuffing" => alert.summary.contains(&STUFFING_SOURCE.to_string()),
+        "rule.login_flood" => alert.device_id == device_id,
+        _ => false,
+    }
+}
+
 fn judge(
     records: &[AttackRecord],
     victims: &[(Scenario, SimDevice)],
@@ -283,8 +306,8 @@ fn judge(
         let started = record.map_or(i64::MAX, |r| r.started_at_ms);
         let on_device: Vec<&Alert> = alerts
             .iter()
-            .filter(|a| a.device_id == device.device_id && a.raised_at_ms >= started - 500)
-            .filter(|a| a.severity != "info")
+            .filter(|a| a.raised_at_ms >= started - 500 && a.severity != "info")
+            .filter(|a| belongs_to(a, *scenario, &device.device_id))
             .collect();
         let cut = on_device.iter().find(|a| a.action == "quarantined");
         let mut detectors: Vec<String> = on_device.iter().map(|a| a.detector.clone()).collect();
@@ -308,8 +331,7 @@ fn judge(
     let false_alerts: Vec<&Alert> = alerts
         .iter()
         .filter(|a| !a.device_id.is_empty() && !attacked.contains(&a.device_id.as_str()))
-        .filter(|a| a.severity != "info" && a.detector != "rule.credential_stuffing")
-        .filter(|a| a.detector != "rule.login_flood")
+        .filter(|a| a.severity != "info" && !KEYLESS_DETECTORS.contains(&a.detector.as_str()))
         .collect();
     let mut false_alert_detectors = BTreeMap::new();
     for alert in &false_alerts {

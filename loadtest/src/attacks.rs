@@ -208,6 +208,24 @@ fn synthetic_values(
     }
 }
 
+/// Signs a reading of the victim with `key` and publishes it on `topic`; counts the message,
+/// or the disconnect when the server no longer takes the session. Returns whether it went out.
+async fn send_reading(
+    mqtt: &mut RawMqtt,
+    record: &mut AttackRecord,
+    key: &SigningKey,
+    topic: &str,
+    reading: &Reading,
+) -> bool {
+    let payload = sign_reading(key, reading).encode_to_vec();
+    if mqtt.publish(topic, &payload).await.is_err() {
+        record.disconnects += 1;
+        return false;
+    }
+    record.messages_sent += 1;
+    true
+}
+
 /// Publishes readings at `rate_hz` from seq `last_seq + 2` on, signed with the device's key
 /// or `forger`, until the plan's duration ends or the server stops accepting the session.
 async fn publish_stream(
@@ -226,6 +244,7 @@ async fn publish_stream(
         }
     };
     let interval = Duration::from_secs_f64(1.0 / rate_hz.max(0.1));
+    let topic = readings_topic(&plan.victim.device_id);
     let mut seq = plan.last_seq + 2;
     let mut next = Instant::now();
     while started.elapsed() < plan.duration {
@@ -237,16 +256,9 @@ async fn publish_stream(
             measurements: values(now_ms, started.elapsed().as_secs_f64()),
         };
         let key = forger.unwrap_or(&plan.victim.signing_key);
-        let payload = sign_reading(key, &reading).encode_to_vec();
-        if mqtt
-            .publish(&readings_topic(&plan.victim.device_id), &payload)
-            .await
-            .is_err()
-        {
-            record.disconnects += 1;
+        if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
             break;
         }
-        record.messages_sent += 1;
         seq += 1;
         next += interval;
         tokio::time::sleep_until(next.into()).await;
@@ -257,6 +269,7 @@ async fn publish_stream(
 /// The key used from a second client: logs in (taking the session over), sends readings far
 /// ahead of the device's seq, and logs in again whenever the real device takes it back.
 async fn second_client(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::Result<()> {
+    let topic = readings_topic(&plan.victim.device_id);
     let started = Instant::now();
     let mut values = synthetic_values(plan, Values::Patient);
     let mut seq = plan.last_seq + 1_000;
@@ -278,16 +291,10 @@ async fn second_client(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::
                 sampled_at_ms: now_ms,
                 measurements: values(now_ms, 0.0),
             };
-            let payload = sign_reading(&plan.victim.signing_key, &reading).encode_to_vec();
-            if mqtt
-                .publish(&readings_topic(&plan.victim.device_id), &payload)
-                .await
-                .is_err()
-            {
-                record.disconnects += 1;
+            let key = &plan.victim.signing_key;
+            if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
                 break;
             }
-            record.messages_sent += 1;
             seq += 1;
             tokio::time::sleep(interval).await;
         }
@@ -298,6 +305,7 @@ async fn second_client(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::
 
 /// Old seqs sent again with altered values.
 async fn replayed(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::Result<()> {
+    let topic = readings_topic(&plan.victim.device_id);
     let Some(mut mqtt) = RawMqtt::login(plan, &plan.victim.device_id, true).await? else {
         record.logins_refused += 1;
         return Ok(());
@@ -311,16 +319,10 @@ async fn replayed(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::Resul
             sampled_at_ms: now_ms,
             measurements: values(now_ms, 0.0),
         };
-        let payload = sign_reading(&plan.victim.signing_key, &reading).encode_to_vec();
-        if mqtt
-            .publish(&readings_topic(&plan.victim.device_id), &payload)
-            .await
-            .is_err()
-        {
-            record.disconnects += 1;
+        let key = &plan.victim.signing_key;
+        if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
             break;
         }
-        record.messages_sent += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
@@ -353,15 +355,15 @@ async fn probing(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::Result
             value: 70.0,
         }],
     };
-    let payload = sign_reading(&plan.victim.signing_key, &reading).encode_to_vec();
-    record.messages_sent += 1;
-    if mqtt
-        .publish(&readings_topic(&other), &payload)
-        .await
-        .is_err()
-    {
-        record.disconnects += 1;
-    }
+    let topic = readings_topic(&other);
+    send_reading(
+        &mut mqtt,
+        record,
+        &plan.victim.signing_key,
+        &topic,
+        &reading,
+    )
+    .await;
     Ok(())
 }
 

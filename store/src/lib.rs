@@ -277,6 +277,18 @@ impl ReplayLoader<'_> {
     }
 }
 
+/// Readings that were already durable when their device was quarantined, and so were kept:
+/// those received in the ten minutes before a quarantine alert (the detectors' horizon), and
+/// those still in flight when it was raised (the verifier refuses everything after it). Each
+/// row names the alert, so an analyst can tell kept readings from trusted ones.
+const FLAGGED_READINGS_VIEW: &str = "CREATE VIEW flagged_readings AS \
+    SELECT r.device_id, r.seq, r.sampled_at, r.received_at, r.metric, r.value, \
+           a.alert_id, a.detector, a.raised_at AS quarantined_at \
+    FROM readings r JOIN alerts a ON r.device_id = a.device_id \
+    WHERE a.action = 'quarantined' \
+      AND r.received_at >= a.raised_at - INTERVAL '10 minutes' \
+      AND r.received_at <= a.raised_at + INTERVAL '5 seconds'";
+
 impl Store {
     /// Opens the data dir, replays the WAL into the hot tier, restores the replay-guard state
     /// (durable snapshot + WAL records after it), starts the writer and flusher threads.
@@ -434,7 +446,7 @@ impl Store {
     }
 
     /// A DataFusion session over hot tier + Parquet, tables `readings`, `rejections`,
-    /// `devices`, `alerts`. The session allows every statement DataFusion knows (including DDL that
+    /// `devices`, `alerts`, and the view `flagged_readings`. The session allows every statement DataFusion knows (including DDL that
     /// reads or writes server files); give remote users [`Store::sql`] or Flight SQL instead.
     pub async fn session(&self) -> Result<SessionContext> {
         let config = SessionConfig::new().with_information_schema(true);
@@ -453,6 +465,7 @@ impl Store {
             self.shared.alerts_source.read().clone(),
         );
         context.register_table("alerts", Arc::new(alerts))?;
+        context.sql(FLAGGED_READINGS_VIEW).await?;
         Ok(context)
     }
 

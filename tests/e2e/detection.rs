@@ -113,6 +113,23 @@ async fn a_forged_signature_cuts_the_device_off_and_the_soc_is_told() {
     assert_eq!(status, 1);
     assert!(server.metric("vigil_detect_quarantines_total") >= 1.0);
 
+    // The reading stored before the cut-off is kept, and flagged with the alert.
+    let flagged = server
+        .sql_count(&format!(
+            "SELECT count(*) FROM flagged_readings WHERE device_id = '{}' AND seq = 1 \
+             AND alert_id = {alert_id}",
+            device.id
+        ))
+        .await;
+    assert_eq!(flagged, 2, "both measurements of reading 1");
+    let bystander_flagged = server
+        .sql_count(&format!(
+            "SELECT count(*) FROM flagged_readings WHERE device_id = '{}'",
+            bystander.id
+        ))
+        .await;
+    assert_eq!(bystander_flagged, 0);
+
     // Quarantine and alerts survive a crash; the stream resumes after the last id seen.
     server.restart();
     assert!(V3Device::connect(&device, server.mqtt).await.is_err());
