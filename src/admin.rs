@@ -119,6 +119,7 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<AddDevicesRequest>,
     ) -> Result<Response<AddDevicesResponse>, Status> {
+        let by = caller_of(&request);
         let devices = request.into_inner().devices;
         if devices.len() > MAX_DEVICES_PER_REQUEST {
             return Err(Status::invalid_argument(format!(
@@ -144,7 +145,7 @@ impl DeviceAdmin for AdminService {
                 }
                 other => internal(other),
             })?;
-        tracing::info!(added, "devices enrolled");
+        tracing::info!(added, by, "devices enrolled");
         Ok(Response::new(AddDevicesResponse {
             added: added as u32,
         }))
@@ -176,7 +177,9 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
+        let by = caller_of(&request);
         let request = request.into_inner();
+        tracing::info!(device_id = ?request.device_id, by, "quarantine requested");
         let reason = if request.reason.is_empty() {
             "quarantined by an operator"
         } else {
@@ -202,8 +205,10 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
+        let by = caller_of(&request);
         let request = request.into_inner();
         let device_id = request.device_id;
+        tracing::info!(device_id = ?device_id, by, "release requested");
         let entry = self.ingest.release(&device_id).map_err(internal)?;
         if let Some(entry) = &entry {
             let reason = if request.reason.is_empty() {

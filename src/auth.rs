@@ -13,20 +13,24 @@
 //! server writes one to `<data-dir>/admin.token`, readable by its owner only, and keeps only its
 //! SHA-256 (the file is for the operator; the server reads it once per start). API tokens:
 //! created, listed and revoked over gRPC by an admin and kept as hashes in
-//! [`TokenStore`](crate::tokens::TokenStore); a revocation is seen by the next call.
+//! [`TokenStore`](crate::tokens::TokenStore). A revocation is seen by the next call, and a call
+//! still running under the revoked token (an alert stream, a long query result) is ended with
+//! `unauthenticated` in its trailers at its next frame or as soon as it waits for one.
 
 use std::fs;
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::Context;
 use futures::future::{Either, Ready, ready};
+use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
-use tonic::codegen::Service;
-use tonic::codegen::http;
+use tonic::codegen::{Bytes, Service, http};
 
 use crate::metrics::GrpcMetrics;
 use crate::tokens::{TokenStore, secret_hash};
@@ -273,27 +277,119 @@ pub(crate) struct AuthService<S> {
     inner: S,
 }
 
+type BoxedFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for AuthService<S>
 where
     S: Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
-    ResponseBody: Default,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResponseBody: http_body::Body<Data = Bytes> + Default + Unpin + Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<RevocableBody<ResponseBody>>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<S::Response, S::Error>>, S::Future>;
+    type Future = Either<
+        Ready<Result<Self::Response, S::Error>>,
+        BoxedFuture<Result<Self::Response, S::Error>>,
+    >;
 
     fn poll_ready(&mut self, context: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(context)
     }
 
     fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
-        let path = request.uri().path();
-        match self.authenticator.authorize(path, request.headers()) {
-            Ok(caller) => {
-                request.extensions_mut().insert(caller);
-                Either::Right(self.inner.call(request))
-            }
-            Err(status) => Either::Left(ready(Ok(status.into_http()))),
+        let path = request.uri().path().to_owned();
+        let caller = match self.authenticator.authorize(&path, request.headers()) {
+            Ok(caller) => caller,
+            Err(status) => return Either::Left(ready(Ok(status.into_http()))),
+        };
+
+        // The bootstrap token cannot be revoked; an API token's calls watch their token.
+        let revoked = caller.token_id.clone().map(|token_id| {
+            let until_revoked = self.authenticator.tokens.until_revoked(token_id.clone());
+            Box::pin(async move {
+                until_revoked.await;
+                tracing::info!(token_id, path = ?path, "grpc call ended: its token was revoked");
+            }) as BoxedFuture<()>
+        });
+        request.extensions_mut().insert(caller);
+        let response = self.inner.call(request);
+        Either::Right(Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| RevocableBody {
+                inner,
+                revoked,
+                ended: false,
+            }))
+        }))
+    }
+}
+
+/// A response body that ends with `unauthenticated` once the caller's token is revoked.
+pub(crate) struct RevocableBody<B> {
+    inner: B,
+    /// Completes when the token is revoked; `None` for the bootstrap token.
+    revoked: Option<BoxedFuture<()>>,
+    ended: bool,
+}
+
+impl<B> std::fmt::Debug for RevocableBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocableBody")
+            .field("revocable", &self.revoked.is_some())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl<B: Default> Default for RevocableBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            revoked: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for RevocableBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let revoked_now = self
+            .revoked
+            .as_mut()
+            .is_some_and(|revoked| revoked.as_mut().poll(context).is_ready());
+        if revoked_now {
+            self.ended = true;
+            let status = Status::unauthenticated("revoked bearer token");
+            let (mut parts, ()) = status.into_http::<()>().into_parts();
+            parts.headers.remove(http::header::CONTENT_TYPE);
+            return Poll::Ready(Some(Ok(Frame::trailers(parts.headers))));
+        }
+        Pin::new(&mut self.inner).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.revoked.is_some() {
+            // It may end early, so no exact length.
+            http_body::SizeHint::default()
+        } else {
+            self.inner.size_hint()
         }
     }
 }

@@ -14,7 +14,9 @@
 //!
 //! Revoked tokens stay in the file with their revocation time, so `vigil tokens list` shows them
 //! and a refused call can say "revoked" rather than "unknown". Changes are serialized by one
-//! writer lock; lookups read an immutable index and never wait on the disk.
+//! writer lock; lookups read an immutable index and never wait on the disk. A revocation also
+//! wakes [`TokenStore::until_revoked`], which ends calls still running under the token (an
+//! alert stream, a long query result).
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,6 +28,7 @@ use anyhow::{Context, bail};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::auth::Role;
 
@@ -91,6 +94,8 @@ pub(crate) struct TokenStore {
     index: RwLock<Arc<Index>>,
     /// Held for the whole of a change, so two changes never write the file at once.
     writer: Mutex<()>,
+    /// Counts revocations, to wake the calls that watch their token.
+    revocations: watch::Sender<u64>,
 }
 
 impl TokenStore {
@@ -127,6 +132,7 @@ impl TokenStore {
             path,
             index: RwLock::new(Arc::new(index)),
             writer: Mutex::new(()),
+            revocations: watch::Sender::new(0),
         })
     }
 
@@ -138,6 +144,34 @@ impl TokenStore {
     /// The token whose secret hashes to `secret_hash`, revoked or not.
     pub(crate) fn find(&self, secret_hash: &[u8; 32]) -> Option<Arc<TokenRecord>> {
         self.index.read().by_hash.get(secret_hash).cloned()
+    }
+
+    /// Whether the token with id `id` exists and is revoked.
+    pub(crate) fn is_revoked(&self, id: &str) -> bool {
+        self.index
+            .read()
+            .records
+            .iter()
+            .any(|record| record.id == id && record.revoked_at_ms.is_some())
+    }
+
+    /// Completes once the token with id `id` is revoked; never, if it stays valid.
+    pub(crate) fn until_revoked(
+        self: &Arc<Self>,
+        id: String,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut revocations = self.revocations.subscribe();
+        let tokens = Arc::clone(self);
+        async move {
+            // The sender lives as long as the store, which this future holds: no error here.
+            if revocations
+                .wait_for(|_| tokens.is_revoked(&id))
+                .await
+                .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Creates a token and returns its record and its secret. Blocks on the disk.
@@ -184,6 +218,7 @@ impl TokenStore {
         let revoked = records[position].clone();
 
         self.replace(records)?;
+        self.revocations.send_modify(|count| *count += 1);
         Ok(Some(revoked))
     }
 
@@ -285,8 +320,32 @@ mod tests {
         assert_eq!(*found, analyst);
         let found = reopened.find(&secret_hash(&soc_secret)).unwrap();
         assert_eq!(found.revoked_at_ms, Some(3));
+        assert!(reopened.is_revoked(&soc.id));
+        assert!(!reopened.is_revoked(&analyst.id));
         assert!(reopened.find(&secret_hash("nope")).is_none());
         assert_eq!(reopened.list().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_wakes_the_calls_of_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(TokenStore::open(dir.path()).unwrap());
+        let (kept, _) = store.create(Role::Soc, "kept", 1).unwrap();
+        let (revoked, _) = store.create(Role::Soc, "revoked", 1).unwrap();
+        let kept = tokio::spawn(store.until_revoked(kept.id));
+        let watched = tokio::spawn(store.until_revoked(revoked.id.clone()));
+
+        let store_for_revoke = store.clone();
+        tokio::task::spawn_blocking(move || store_for_revoke.revoke(&revoked.id, 2))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), watched)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!kept.is_finished());
+        kept.abort();
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Access: API tokens with a role, created with `vigil tokens`, checked on every gRPC and Flight
-//! SQL call; revocation, restarts, refusal metrics, and no secret on disk or in the log.
+//! SQL call; revocation (of new calls and of an open alert stream), restarts, refusal metrics,
+//! and no secret on disk or in the log.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::support::{Server, TestDevice};
 
@@ -160,9 +163,37 @@ async fn each_role_reaches_only_its_methods() {
         .unwrap()
         .to_owned();
 
+    // An alert stream opened before the revocation is ended by it.
+    let mut tail = server.spawn_cli_as(&soc, &["alerts", "tail"]);
+    // Kept open to the end: the stream goes on printing (the release alert too).
+    let mut alerts = BufReader::new(tail.stdout.take().unwrap());
+    let mut first = String::new();
+    alerts.read_line(&mut first).unwrap();
+    assert!(first.contains("pump-1"), "the stream is open: {first}");
+
     let revoked = server.cli(&["tokens", "revoke", &soc_id]);
     assert!(revoked.contains(&soc_id), "{revoked}");
     let stderr = server.cli_fails_as(&soc, &["devices", "list"]);
+    assert!(stderr.contains("revoked bearer token"), "{stderr}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            tail.kill().unwrap();
+            panic!("the alert stream outlived its token's revocation");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    tail.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
     assert!(stderr.contains("revoked bearer token"), "{stderr}");
     server.restart();
     let stderr = server.cli_fails_as(&soc, &["sql", "SELECT 1"]);

@@ -173,6 +173,20 @@ impl Server {
         String::from_utf8(output.stderr).unwrap()
     }
 
+    /// Starts a client command with `token` in `VIGIL_TOKEN`, its stdout and stderr piped, for
+    /// commands that run until stopped (`alerts tail`).
+    pub fn spawn_cli_as(&self, token: &str, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .arg("--server")
+            .arg(format!("http://{}", self.grpc))
+            .env("VIGIL_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs a client command, killing it if it has not ended within 60 s.
     fn run_cli(&self, token: &str, args: &[&str]) -> std::process::Output {
         let child = Command::new(BIN)
