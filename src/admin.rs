@@ -1,4 +1,6 @@
-//! The `DeviceAdmin` gRPC service: enrollment, listing and cut-off of devices.
+//! The `DeviceAdmin` gRPC service: enrollment, listing and cut-off of devices, and API token
+//! management. Which role may call which method is decided before a call gets here, in
+//! [`crate::auth`].
 
 use std::sync::Arc;
 
@@ -8,9 +10,13 @@ use vigil_ingest::Ingest;
 use vigil_ingest::registry::{DeviceEntry, Enrollment};
 use vigil_proto::v1::device_admin_server::DeviceAdmin;
 use vigil_proto::v1::{
-    AddDevicesRequest, AddDevicesResponse, Device, DeviceActionRequest, DeviceActionResponse,
-    ListDevicesRequest, ListDevicesResponse,
+    AddDevicesRequest, AddDevicesResponse, ApiToken, CreateTokenRequest, CreateTokenResponse,
+    Device, DeviceActionRequest, DeviceActionResponse, ListDevicesRequest, ListDevicesResponse,
+    ListTokensRequest, ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse,
 };
+
+use crate::auth::{Caller, Role};
+use crate::tokens::{TokenRecord, TokenStore};
 
 /// Most devices one enrollment request may carry.
 const MAX_DEVICES_PER_REQUEST: usize = 100_000;
@@ -21,6 +27,7 @@ pub(crate) struct AdminService {
     ingest: Arc<Ingest>,
     detector: Arc<Detector>,
     observations: ObservationSender,
+    tokens: Arc<TokenStore>,
 }
 
 impl AdminService {
@@ -28,11 +35,13 @@ impl AdminService {
         ingest: Arc<Ingest>,
         detector: Arc<Detector>,
         observations: ObservationSender,
+        tokens: Arc<TokenStore>,
     ) -> Self {
         Self {
             ingest,
             detector,
             observations,
+            tokens,
         }
     }
 
@@ -56,6 +65,31 @@ pub(crate) fn device_message(entry: &DeviceEntry, detector: &Detector) -> Device
         status_changed_at_ms: entry.status_changed_at_ms(),
         risk: detector.risk_of(&entry.id),
     }
+}
+
+/// The gRPC view of a token record.
+fn token_message(record: &TokenRecord) -> ApiToken {
+    ApiToken {
+        token_id: record.id.clone(),
+        name: record.name.clone(),
+        role: record.role.as_str().to_owned(),
+        created_at_ms: record.created_at_ms,
+        revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
+    }
+}
+
+/// The id of the token that made a call, for logs.
+fn caller_of<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map_or("unknown", Caller::token_label)
+        .to_owned()
+}
+
+fn token_store_failed(error: anyhow::Error) -> Status {
+    tracing::error!(error = format!("{error:#}"), "token store change failed");
+    Status::internal("the token store could not be written")
 }
 
 fn internal(error: vigil_ingest::Error) -> Status {
@@ -85,6 +119,7 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<AddDevicesRequest>,
     ) -> Result<Response<AddDevicesResponse>, Status> {
+        let by = caller_of(&request);
         let devices = request.into_inner().devices;
         if devices.len() > MAX_DEVICES_PER_REQUEST {
             return Err(Status::invalid_argument(format!(
@@ -110,7 +145,7 @@ impl DeviceAdmin for AdminService {
                 }
                 other => internal(other),
             })?;
-        tracing::info!(added, "devices enrolled");
+        tracing::info!(added, by, "devices enrolled");
         Ok(Response::new(AddDevicesResponse {
             added: added as u32,
         }))
@@ -142,7 +177,9 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
+        let by = caller_of(&request);
         let request = request.into_inner();
+        tracing::info!(device_id = ?request.device_id, by, "quarantine requested");
         let reason = if request.reason.is_empty() {
             "quarantined by an operator"
         } else {
@@ -168,8 +205,10 @@ impl DeviceAdmin for AdminService {
         &self,
         request: Request<DeviceActionRequest>,
     ) -> Result<Response<DeviceActionResponse>, Status> {
+        let by = caller_of(&request);
         let request = request.into_inner();
         let device_id = request.device_id;
+        tracing::info!(device_id = ?device_id, by, "release requested");
         let entry = self.ingest.release(&device_id).map_err(internal)?;
         if let Some(entry) = &entry {
             let reason = if request.reason.is_empty() {
@@ -185,5 +224,78 @@ impl DeviceAdmin for AdminService {
             // As for a quarantine: the registry is the truth, the detector catches up.
         }
         self.found(entry, &device_id)
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let by = caller_of(&request);
+        let request = request.into_inner();
+        let role = Role::parse(&request.role).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown role {}; roles are analyst, soc and admin",
+                request.role.escape_default()
+            ))
+        })?;
+        crate::tokens::check_name(&request.name)
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+
+        let tokens = self.tokens.clone();
+        let now_ms = vigil_ingest::now_ms();
+        let (record, secret) =
+            tokio::task::spawn_blocking(move || tokens.create(role, &request.name, now_ms))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(token_store_failed)?;
+        tracing::info!(
+            token_id = %record.id,
+            name = ?record.name,
+            role = record.role.as_str(),
+            by,
+            "api token created"
+        );
+        Ok(Response::new(CreateTokenResponse {
+            token: Some(token_message(&record)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let tokens = self
+            .tokens
+            .list()
+            .iter()
+            .map(|record| token_message(record))
+            .collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let by = caller_of(&request);
+        let token_id = request.into_inner().token_id;
+        let tokens = self.tokens.clone();
+        let now_ms = vigil_ingest::now_ms();
+        let id = token_id.clone();
+        let revoked = tokio::task::spawn_blocking(move || tokens.revoke(&id, now_ms))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(token_store_failed)?;
+        let Some(record) = revoked else {
+            return Err(Status::not_found(format!(
+                "no token {}",
+                token_id.escape_default()
+            )));
+        };
+        tracing::info!(token_id = %record.id, name = ?record.name, by, "api token revoked");
+        Ok(Response::new(RevokeTokenResponse {
+            token: Some(token_message(&record)),
+        }))
     }
 }

@@ -1,4 +1,5 @@
-//! Client commands: device administration and SQL against a running server's gRPC port.
+//! Client commands: device administration, alerts, API tokens and SQL against a running
+//! server's gRPC port.
 
 use std::path::Path;
 
@@ -12,7 +13,8 @@ use tonic::transport::Channel;
 use vigil_proto::v1::device_admin_client::DeviceAdminClient;
 use vigil_proto::v1::soc_client::SocClient;
 use vigil_proto::v1::{
-    AckAlertRequest, AddDevicesRequest, Alert, Device, DeviceActionRequest, ListDevicesRequest,
+    AckAlertRequest, AddDevicesRequest, Alert, ApiToken, CreateTokenRequest, CreateTokenResponse,
+    Device, DeviceActionRequest, ListDevicesRequest, ListTokensRequest, RevokeTokenRequest,
     StreamAlertsRequest,
 };
 
@@ -135,6 +137,40 @@ impl Client {
             .context("server answered without a device")
     }
 
+    /// Creates an API token; the answer carries its secret, which the server sends only once.
+    pub(crate) async fn create_token(
+        &self,
+        role: &str,
+        name: &str,
+    ) -> anyhow::Result<CreateTokenResponse> {
+        let request = CreateTokenRequest {
+            role: role.to_owned(),
+            name: name.to_owned(),
+        };
+        Ok(self.admin()?.create_token(request).await?.into_inner())
+    }
+
+    pub(crate) async fn list_tokens(&self) -> anyhow::Result<Vec<ApiToken>> {
+        Ok(self
+            .admin()?
+            .list_tokens(ListTokensRequest {})
+            .await?
+            .into_inner()
+            .tokens)
+    }
+
+    pub(crate) async fn revoke_token(&self, token_id: &str) -> anyhow::Result<ApiToken> {
+        let request = RevokeTokenRequest {
+            token_id: token_id.to_owned(),
+        };
+        self.admin()?
+            .revoke_token(request)
+            .await?
+            .into_inner()
+            .token
+            .context("server answered without a token")
+    }
+
     /// Runs a query over Flight SQL and collects its result.
     pub(crate) async fn sql(&self, query: &str) -> anyhow::Result<Vec<RecordBatch>> {
         let mut flight = FlightSqlServiceClient::new(self.channel.clone());
@@ -243,6 +279,41 @@ pub(crate) fn format_devices(devices: &[Device]) -> String {
         out.push_str(&format!(
             "{:<40} {:<24} {:<12} {:<5.2} {}\n",
             device.device_id, device.class, device.status, device.risk, device.public_key_hex
+        ));
+    }
+    out
+}
+
+/// Whether `error` is the server refusing the token (unknown, revoked, or its role lacks the
+/// method): retrying cannot help.
+pub(crate) fn is_refusal(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<tonic::Status>().is_some_and(|status| {
+        matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        )
+    })
+}
+
+/// API tokens as a table; revoked ones say when. Names are escaped, as an admin typed them.
+pub(crate) fn format_tokens(tokens: &[ApiToken]) -> String {
+    let mut out = format!(
+        "{:<16} {:<8} {:<24} {:<15} {}\n",
+        "ID", "ROLE", "NAME", "CREATED_AT_MS", "REVOKED_AT_MS"
+    );
+    for token in tokens {
+        let revoked = if token.revoked_at_ms == 0 {
+            "-".to_owned()
+        } else {
+            token.revoked_at_ms.to_string()
+        };
+        out.push_str(&format!(
+            "{:<16} {:<8} {:<24} {:<15} {}\n",
+            token.token_id,
+            token.role,
+            token.name.escape_default().to_string(),
+            token.created_at_ms,
+            revoked
         ));
     }
     out

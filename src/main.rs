@@ -10,7 +10,9 @@ mod config;
 mod demo;
 mod drill;
 mod http;
+mod metrics;
 mod server;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +69,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "vigil")]
         detector: NabDetector,
     },
+    /// Create, list and revoke API tokens (admin role).
+    Tokens {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Run a SQL query over Flight SQL.
     Sql {
         #[command(flatten)]
@@ -98,6 +107,24 @@ enum AlertsCommand {
         #[arg(long, default_value = "")]
         note: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a token; prints its secret on stdout, the only time it is shown.
+    Create {
+        /// analyst (Flight SQL), soc (alerts, device quarantine and release, SQL) or admin
+        /// (everything).
+        #[arg(long)]
+        role: String,
+        /// A label for the token's holder, e.g. grafana.
+        #[arg(long)]
+        name: String,
+    },
+    /// List every token with its role; revoked ones show when they were revoked.
+    List,
+    /// Revoke a token by its id; the server refuses it from then on.
+    Revoke { token_id: String },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -200,6 +227,10 @@ fn main() -> anyhow::Result<()> {
             connection,
             command,
         } => runtime.block_on(alerts(connection, command)),
+        Command::Tokens {
+            connection,
+            command,
+        } => runtime.block_on(tokens(connection, command)),
         Command::Nab {
             data_dir,
             results_dir,
@@ -324,6 +355,31 @@ async fn devices(connection: ConnectionArgs, command: DevicesCommand) -> anyhow:
     Ok(())
 }
 
+async fn tokens(connection: ConnectionArgs, command: TokensCommand) -> anyhow::Result<()> {
+    let client = connection.connect().await?;
+    match command {
+        TokensCommand::Create { role, name } => {
+            let created = client.create_token(&role, &name).await?;
+            let token = created.token.context("server answered without a token")?;
+            // The secret alone on stdout, so `vigil tokens create … > grafana.token` makes a
+            // file for `--token-file`; the rest goes to stderr.
+            println!("{}", created.secret);
+            eprintln!(
+                "created token {} ({}, {}); its secret is shown only this once",
+                token.token_id,
+                token.role,
+                token.name.escape_default()
+            );
+        }
+        TokensCommand::List => print!("{}", client::format_tokens(&client.list_tokens().await?)),
+        TokensCommand::Revoke { token_id } => {
+            let token = client.revoke_token(&token_id).await?;
+            println!("revoked token {} ({})", token.token_id, token.role);
+        }
+    }
+    Ok(())
+}
+
 async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::Result<()> {
     let client = connection.connect().await?;
     match command {
@@ -338,6 +394,7 @@ async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::R
             loop {
                 let mut stream = match client.stream_alerts(last).await {
                     Ok(stream) => stream,
+                    Err(error) if client::is_refusal(&error) => return Err(error),
                     Err(error) => {
                         eprintln!("alert stream unavailable ({error:#}); retrying");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -355,6 +412,14 @@ async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::R
                             }
                         }
                         Ok(None) => break,
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                            ) =>
+                        {
+                            return Err(status.into());
+                        }
                         Err(status) => {
                             eprintln!("alert stream broke ({status}); resuming after #{last}");
                             break;

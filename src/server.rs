@@ -21,7 +21,6 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::service::interceptor::InterceptedService;
 use vigil_detect::alerts::AlertLog;
 use vigil_detect::fleet::FleetModel;
 use vigil_detect::service::SocService;
@@ -33,8 +32,10 @@ use vigil_proto::v1::soc_server::SocServer;
 use vigil_store::Store;
 
 use crate::admin::AdminService;
-use crate::auth::BearerAuth;
+use crate::auth::{AuthLayer, Authenticator};
 use crate::config::VigilConfig;
+use crate::metrics::GrpcMetrics;
+use crate::tokens::TokenStore;
 
 /// Largest gRPC message accepted, in bytes (a bulk enrollment of many devices).
 const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -59,7 +60,13 @@ impl RunningServer {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
-        let auth = BearerAuth::load_or_create(&config.data_dir)?;
+        let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
+        let auth = Arc::new(Authenticator::load_or_create(
+            &config.data_dir,
+            tokens.clone(),
+            grpc_metrics.clone(),
+        )?);
 
         let store_config = config.store_config();
         let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(store_config))
@@ -101,6 +108,7 @@ impl RunningServer {
         ingest.metrics.register(&mut metrics);
         store.register_metrics(&mut metrics);
         detector.metrics.register(&mut metrics);
+        grpc_metrics.register(&mut metrics);
 
         let (stop, stopped) = watch::channel(false);
         let grpc_listener = TcpListener::bind(config.grpc_listen)
@@ -115,7 +123,7 @@ impl RunningServer {
         let grpc = tokio::spawn(serve_grpc(
             grpc_listener,
             auth,
-            AdminService::new(ingest.clone(), detector.clone(), observations),
+            AdminService::new(ingest.clone(), detector.clone(), observations, tokens),
             SocService::new(alerts),
             store.clone(),
             wait_for_stop(stopped.clone()),
@@ -168,26 +176,22 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
 
 async fn serve_grpc(
     listener: TcpListener,
-    auth: BearerAuth,
+    auth: Arc<Authenticator>,
     admin: AdminService,
     soc: SocService,
     store: Store,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let admin_auth = auth.clone();
     let admin = DeviceAdminServer::new(admin).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let admin = InterceptedService::new(admin, move |request| admin_auth.check(request));
-    let soc_auth = auth.clone();
-    let soc = InterceptedService::new(SocServer::new(soc), move |request| soc_auth.check(request));
-    let flight = InterceptedService::new(vigil_store::flight_sql_service(store), move |request| {
-        auth.check(request)
-    });
 
+    // One layer in front of every service: each call's token and role are checked by its
+    // gRPC path before any service sees it.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let served = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(auth))
         .add_service(admin)
-        .add_service(soc)
-        .add_service(flight)
+        .add_service(SocServer::new(soc))
+        .add_service(vigil_store::flight_sql_service(store))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Err(error) = served {

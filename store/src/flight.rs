@@ -3,7 +3,7 @@
 //! Queries run read-only (see [`Store::sql`]). A statement ticket and a prepared-statement
 //! handle are simply the query text: nothing is kept per client, so there is nothing to leak
 //! or expire, and a ticket can be redeemed on any server over the same data. Authentication is
-//! done outside (a bearer-token interceptor wraps this service).
+//! done outside: the server puts a bearer-token and role layer in front of this service.
 
 use std::pin::Pin;
 
@@ -35,7 +35,7 @@ pub(crate) struct StoreFlightSqlService {
     store: Store,
 }
 
-/// The Flight SQL gRPC service over `store` (authentication is the caller's interceptor).
+/// The Flight SQL gRPC service over `store` (authentication is the caller's layer).
 pub fn flight_sql_service(store: Store) -> FlightServiceServer<impl FlightService> {
     FlightServiceServer::new(StoreFlightSqlService { store })
 }
@@ -113,7 +113,7 @@ impl FlightSqlService for StoreFlightSqlService {
         Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
         Status,
     > {
-        // Authentication happened in the interceptor; answer with an empty success.
+        // Authentication happened in the layer in front; answer with an empty success.
         let response = HandshakeResponse::default();
         let stream = futures::stream::once(async { Ok(response) });
         Ok(Response::new(Box::pin(stream)))

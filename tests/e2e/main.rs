@@ -9,4 +9,5 @@ mod contract;
 mod detection;
 mod pipeline;
 mod restart;
+mod roles;
 mod tls;

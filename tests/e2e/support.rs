@@ -145,21 +145,69 @@ impl Server {
             .unwrap_or_else(|| panic!("metric {name} missing from:\n{metrics}"))
     }
 
-    /// Runs the `vigil` binary as a client command against this server.
+    /// Runs the `vigil` binary as a client command against this server, with the admin token.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new(BIN)
-            .args(args)
-            .arg("--server")
-            .arg(format!("http://{}", self.grpc))
-            .env("VIGIL_TOKEN", self.token.trim())
-            .output()
-            .unwrap();
+        self.cli_as(self.token.trim(), args)
+    }
+
+    /// Runs a client command with `token` in `VIGIL_TOKEN`; panics unless it succeeds.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> String {
+        let output = self.run_cli(token, args);
         assert!(
             output.status.success(),
             "vigil {args:?} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs a client command with `token` in `VIGIL_TOKEN`; panics unless it fails, and
+    /// returns its stderr.
+    pub fn cli_fails_as(&self, token: &str, args: &[&str]) -> String {
+        let output = self.run_cli(token, args);
+        assert!(
+            !output.status.success(),
+            "vigil {args:?} succeeded: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).unwrap()
+    }
+
+    /// Starts a client command with `token` in `VIGIL_TOKEN`, its stdout and stderr piped, for
+    /// commands that run until stopped (`alerts tail`).
+    pub fn spawn_cli_as(&self, token: &str, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .arg("--server")
+            .arg(format!("http://{}", self.grpc))
+            .env("VIGIL_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs a client command, killing it if it has not ended within 60 s.
+    fn run_cli(&self, token: &str, args: &[&str]) -> std::process::Output {
+        let child = Command::new(BIN)
+            .args(args)
+            .arg("--server")
+            .arg(format!("http://{}", self.grpc))
+            .env("VIGIL_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || sender.send(child.wait_with_output()));
+        match receiver.recv_timeout(Duration::from_secs(60)) {
+            Ok(output) => output.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                panic!("vigil {args:?} did not end within 60 s");
+            }
+        }
     }
 
     pub async fn sql(&self, query: &str) -> Vec<RecordBatch> {
