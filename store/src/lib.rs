@@ -27,6 +27,8 @@ mod guard;
 mod metrics;
 mod tables;
 mod wal;
+#[cfg(test)]
+mod wal_model;
 mod writer;
 
 pub use error::{Result, StoreError};

@@ -6,6 +6,7 @@ mod support;
 
 mod bad_input;
 mod contract;
+mod crash;
 mod detection;
 mod pipeline;
 mod restart;
