@@ -596,11 +596,13 @@ async fn check_stored(server: &Server, logs: &[DeviceLog], isolated_id: &str) {
         })
         .collect();
 
+    // A v3.1.1 refusal is acknowledged too, so the refusals are part of the diagnosis.
     assert!(
         missing.is_empty(),
-        "{} acknowledged readings missing, e.g. {:?}",
+        "{} acknowledged readings missing, e.g. {:?}; fleet refusals: {:?}",
         missing.len(),
-        &missing[..missing.len().min(10)]
+        &missing[..missing.len().min(10)],
+        &refused[..refused.len().min(20)]
     );
     assert!(
         bad_counts.is_empty(),
