@@ -41,18 +41,33 @@ pub(crate) struct GuardState {
 }
 
 impl GuardState {
-    /// Records a stored reading. Idempotent.
+    /// Records a stored reading. Idempotent, and independent of the order readings are
+    /// applied in: `recent` keeps the digests of the highest seqs, in seq order. (A restart
+    /// applies the snapshot first and then older log records; those must not push the newest
+    /// digests out, or an exact re-send of a recent reading would look like a replay.)
     pub(crate) fn apply(&mut self, device_id: &str, seq: u64, digest: [u8; 16]) {
         let state = match self.devices.get_mut(device_id) {
             Some(state) => state,
             None => self.devices.entry(device_id.to_owned()).or_default(),
         };
         state.highest_seq = state.highest_seq.max(seq);
-        if !state.recent.contains(&(seq, digest)) {
-            state.recent.push_back((seq, digest));
-            while state.recent.len() > RECENT_DIGESTS {
-                state.recent.pop_front();
-            }
+
+        if state.recent.contains(&(seq, digest)) {
+            return;
+        }
+        let full = state.recent.len() >= RECENT_DIGESTS;
+        if full
+            && state
+                .recent
+                .front()
+                .is_some_and(|&(oldest, _)| seq < oldest)
+        {
+            return;
+        }
+        let at = state.recent.partition_point(|&(kept, _)| kept <= seq);
+        state.recent.insert(at, (seq, digest));
+        while state.recent.len() > RECENT_DIGESTS {
+            state.recent.pop_front();
         }
     }
 }
@@ -239,9 +254,31 @@ mod tests {
         let state = &guard.devices["d1"];
         assert_eq!(state.highest_seq, 100);
         assert_eq!(state.recent.len(), RECENT_DIGESTS);
-        // The re-applied 100 did not duplicate; 5 (out of order) is now newest.
-        assert_eq!(state.recent.back(), Some(&(5, [5; 16])));
+        // The re-applied 100 did not duplicate; 5, older than every kept digest, evicted none.
+        assert_eq!(state.recent.back(), Some(&(100, [100; 16])));
+        assert_eq!(state.recent.front(), Some(&(37, [37; 16])));
         assert_eq!(state.recent.iter().filter(|(s, _)| *s == 100).count(), 1);
+    }
+
+    #[test]
+    fn older_records_applied_after_newer_ones_keep_the_newest_digests() {
+        // A restart applies the snapshot (newest state) and then older log records.
+        let mut in_order = GuardState::default();
+        let mut snapshot_first = GuardState::default();
+        for seq in 1..=200u64 {
+            in_order.apply("d1", seq, [seq as u8; 16]);
+        }
+        for seq in (150..=200u64).chain(1..=200) {
+            snapshot_first.apply("d1", seq, [seq as u8; 16]);
+        }
+        assert_eq!(in_order, snapshot_first);
+        assert_eq!(
+            snapshot_first.devices["d1"].recent.front(),
+            Some(&(
+                200 - RECENT_DIGESTS as u64 + 1,
+                [(200 - RECENT_DIGESTS + 1) as u8; 16]
+            ))
+        );
     }
 
     #[test]

@@ -170,11 +170,11 @@ async fn run_device(
             break;
         }
         // A new client per connection: a fresh login token, no state left from the last one.
-        let (client, mut events) = AsyncClient::new(device.options(mqtt), WINDOW + 4);
+        let (client, events) = AsyncClient::new(device.options(mqtt), WINDOW + 4);
         let end = session(
             &device,
             &client,
-            &mut events,
+            events,
             &backlog,
             &fleet,
             &mut log,
@@ -204,7 +204,7 @@ fn finished(backlog: &Backlog, fleet: &FleetState) -> bool {
 async fn session(
     device: &TestDevice,
     client: &AsyncClient,
-    events: &mut EventLoop,
+    mut events: EventLoop,
     backlog: &Backlog,
     fleet: &FleetState,
     log: &mut DeviceLog,
@@ -228,6 +228,32 @@ async fn session(
         Ok(Err(_)) | Err(_) => return SessionEnd::Lost,
     }
     fleet.connected.fetch_add(1, Ordering::SeqCst);
+
+    // `EventLoop::poll` is not cancel-safe: dropping it mid-way (as a `select!` does) can lose
+    // a request taken from the client's channel, so that later readings overtake it and the
+    // server rightly refuses it as a replay. One task polls without interruption and forwards
+    // the events; the channel's `recv` is cancel-safe.
+    let (forward, mut pumped) = tokio::sync::mpsc::channel::<Event>(64);
+    let pump = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(event) => {
+                    if forward.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    // PUBACKs read before the connection broke still count.
+                    while let Some(event) = events.state.events.pop_front() {
+                        if forward.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    });
 
     let topic = device.topic();
     // Every reading above this seq is handed to this connection in order: re-sends first,
@@ -259,21 +285,16 @@ async fn session(
         }
 
         let polled = tokio::select! {
-            polled = events.poll() => polled,
+            polled = pumped.recv() => polled,
             () = backlog.wake.notified() => continue,
             () = tokio::time::sleep_until(fleet.deadline()) => continue,
         };
         match polled {
-            Ok(event) => on_event(event, backlog, log, &mut submitted, &mut in_flight),
-            Err(_) => {
-                // PUBACKs read before the connection broke still count.
-                while let Some(event) = events.state.events.pop_front() {
-                    on_event(event, backlog, log, &mut submitted, &mut in_flight);
-                }
-                break SessionEnd::Lost;
-            }
+            Some(event) => on_event(event, backlog, log, &mut submitted, &mut in_flight),
+            None => break SessionEnd::Lost,
         }
     };
+    pump.abort();
     fleet.connected.fetch_sub(1, Ordering::SeqCst);
     end
 }
