@@ -22,7 +22,7 @@ pub enum SeqCheck {
     /// Same seq and signature as a stored reading: acknowledge again, store nothing.
     Resend,
     /// Not above the highest seq and not an exact re-send.
-    Replay,
+    Replay { highest_seq: u64 },
     /// Further above the highest seq than the configured bound.
     JumpTooFar,
 }
@@ -65,7 +65,9 @@ impl ReplayGuard {
             return if resend {
                 SeqCheck::Resend
             } else {
-                SeqCheck::Replay
+                SeqCheck::Replay {
+                    highest_seq: state.highest_seq,
+                }
             };
         }
         if seq - state.highest_seq > self.max_seq_jump {
@@ -94,10 +96,13 @@ mod tests {
         assert_eq!(guard.check(&id, 4, [4; 16]), SeqCheck::New { gap: 2 });
         assert_eq!(guard.check(&id, 4, [4; 16]), SeqCheck::Resend);
         assert_eq!(guard.check(&id, 1, [1; 16]), SeqCheck::Resend);
-        assert_eq!(guard.check(&id, 4, [9; 16]), SeqCheck::Replay);
+        assert_eq!(
+            guard.check(&id, 4, [9; 16]),
+            SeqCheck::Replay { highest_seq: 4 }
+        );
         assert_eq!(
             guard.check(&id, 2, [2; 16]),
-            SeqCheck::Replay,
+            SeqCheck::Replay { highest_seq: 4 },
             "a gap is not refillable"
         );
         assert_eq!(guard.check(&id, 1005, [5; 16]), SeqCheck::JumpTooFar);
@@ -125,6 +130,9 @@ mod tests {
             },
         );
         assert_eq!(guard.check(&id, 7, [7; 16]), SeqCheck::Resend);
-        assert_eq!(guard.check(&id, 6, [6; 16]), SeqCheck::Replay);
+        assert_eq!(
+            guard.check(&id, 6, [6; 16]),
+            SeqCheck::Replay { highest_seq: 7 }
+        );
     }
 }

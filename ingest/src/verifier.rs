@@ -174,6 +174,8 @@ impl ShardWorker {
         let mut entries = Vec::with_capacity(batch.len());
 
         for (job, &signature_ok) in batch.drain(..).zip(valid) {
+            // The highest stored seq a replay was measured against, for its record.
+            let mut replayed_above = None;
             let verdict = if job.device.is_quarantined() {
                 Verdict::Refused(RefusalReason::Quarantined)
             } else if !signature_ok {
@@ -186,7 +188,10 @@ impl ShardWorker {
                         Verdict::Stored
                     }
                     SeqCheck::Resend => Verdict::Resent,
-                    SeqCheck::Replay => Verdict::Refused(RefusalReason::Replay),
+                    SeqCheck::Replay { highest_seq } => {
+                        replayed_above = Some(highest_seq);
+                        Verdict::Refused(RefusalReason::Replay)
+                    }
                     SeqCheck::JumpTooFar => Verdict::Refused(RefusalReason::SeqJumpTooFar),
                 }
             };
@@ -214,7 +219,7 @@ impl ShardWorker {
                     self.metrics.refused(reason);
                     self.observations
                         .security(&job.device.id, reason.event_kind(), &job.peer);
-                    WalEntry::Rejection(refusal_record(&job, reason))
+                    WalEntry::Rejection(refusal_record(&job, reason, replayed_above))
                 }
             };
             entries.push((entry, Some(job.durable)));
@@ -241,12 +246,17 @@ fn accepted_reading(job: &VerifyJob) -> AcceptedReading {
     }
 }
 
-fn refusal_record(job: &VerifyJob, reason: RefusalReason) -> Rejection {
+/// The record of a refused reading; a replay names the highest stored seq it fell under.
+fn refusal_record(job: &VerifyJob, reason: RefusalReason, highest_seq: Option<u64>) -> Rejection {
+    let detail = match highest_seq {
+        Some(highest) => format!("seq {}, highest stored {highest}", job.payload.seq),
+        None => format!("seq {}", job.payload.seq),
+    };
     Rejection {
         device_id: job.device.id.to_string(),
         received_at_ms: job.received_at_ms,
         reason: reason.as_str().to_owned(),
-        detail: format!("seq {}", job.payload.seq),
+        detail,
         peer: job.peer.to_string(),
     }
 }

@@ -605,7 +605,8 @@ async fn check_stored(server: &Server, logs: &[DeviceLog], isolated_id: &str) {
 
     let refused = server
         .sql(&format!(
-            "SELECT device_id, reason FROM rejections WHERE device_id <> '{isolated_id}'"
+            "SELECT device_id, concat(reason, ': ', detail) FROM rejections \
+             WHERE device_id <> '{isolated_id}'"
         ))
         .await;
     let refused: Vec<(String, String)> = refused

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::RecordBatch;
@@ -29,11 +30,22 @@ pub struct Server {
     extra_args: Vec<String>,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up on Linux). A server
+/// restarted on its old ports must find them free: a port handed out by `bind(0)` could be
+/// taken meanwhile by any client socket of a concurrent test, and the restart would fail.
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test process starts at its own offset; ports are never reused within a process.
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + offset) % COUNT) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
+        }
+    }
 }
 
 impl Server {
