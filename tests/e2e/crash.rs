@@ -270,9 +270,14 @@ async fn session(
                 .next()
                 .map(|(seq, payload)| (*seq, payload.clone()));
             let Some((seq, payload)) = next else { break };
-            client
+            // A full request channel means the event loop is not taking requests (its
+            // connection is stalling); hand the reading out later, in the same order.
+            if client
                 .try_publish(&topic, QoS::AtLeastOnce, false, payload)
-                .expect("the request channel holds more than the window");
+                .is_err()
+            {
+                break;
+            }
             last_handed = seq;
             submitted.push_back(seq);
             if seq <= *highest_handed {
@@ -618,10 +623,19 @@ async fn check_stored(server: &Server, logs: &[DeviceLog], isolated_id: &str) {
         })
         .collect();
 
-    // A v3.1.1 refusal is acknowledged too, so the refusals are part of the diagnosis.
+    // A v3.1.1 refusal is acknowledged too, so the refusals are part of the diagnosis, and so
+    // are the server's errors and warnings over all its runs.
+    let server_log =
+        std::fs::read_to_string(server.data_dir.with_extension("log")).unwrap_or_default();
+    let troubles: Vec<&str> = server_log
+        .lines()
+        .filter(|line| line.contains("ERROR") || line.contains("WARN"))
+        .take(10)
+        .collect();
     assert!(
         missing.is_empty(),
-        "{} acknowledged readings missing, e.g. {:?}; fleet refusals: {:?}",
+        "{} acknowledged readings missing, e.g. {:?}; fleet refusals: {:?}; server errors and \
+         warnings: {troubles:#?}",
         missing.len(),
         &missing[..missing.len().min(10)],
         &refused[..refused.len().min(20)]
