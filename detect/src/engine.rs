@@ -287,13 +287,10 @@ impl Worker {
     fn reading(&mut self, reading: ReadingObservation) {
         let fleet = self.fleet.read().clone();
         let config = &self.config;
-        let Some(state) = device_state(&mut self.devices, &*self.responder, &reading.device_id)
+        let Some(state) = observed_state(&mut self.devices, &*self.responder, &reading.device_id)
         else {
             return;
         };
-        if still_quarantined(state, &*self.responder, &reading.device_id) {
-            return;
-        }
         let mut findings = Vec::new();
 
         if let Some((metric, value, min, max)) = impossible_value(&reading.measurements) {
@@ -459,13 +456,10 @@ impl Worker {
         }
 
         let config = &self.config;
-        let Some(state) = device_state(&mut self.devices, &*self.responder, &event.device_id)
+        let Some(state) = observed_state(&mut self.devices, &*self.responder, &event.device_id)
         else {
             return;
         };
-        if still_quarantined(state, &*self.responder, &event.device_id) {
-            return;
-        }
 
         let mut findings = Vec::new();
         if let Some((detector, weight)) = event_weight(event.kind) {
@@ -814,6 +808,17 @@ fn still_quarantined(state: &mut DeviceState, responder: &dyn Responder, device_
     }
     state.risk.release(crate::now_ms());
     false
+}
+
+/// The state of an enrolled device whose readings and events still count: none while it is
+/// quarantined.
+fn observed_state<'a>(
+    devices: &'a mut HashMap<Arc<str>, DeviceState>,
+    responder: &dyn Responder,
+    device_id: &Arc<str>,
+) -> Option<&'a mut DeviceState> {
+    let state = device_state(devices, responder, device_id)?;
+    (!still_quarantined(state, responder, device_id)).then_some(state)
 }
 
 /// The device's state, created for enrolled devices only.

@@ -208,6 +208,21 @@ fn synthetic_values(
     }
 }
 
+/// A reading in the victim's name, sampled now.
+fn victim_reading(
+    plan: &AttackPlan,
+    seq: u64,
+    now_ms: i64,
+    measurements: Vec<Measurement>,
+) -> Reading {
+    Reading {
+        device_id: plan.victim.device_id.clone(),
+        seq,
+        sampled_at_ms: now_ms,
+        measurements,
+    }
+}
+
 /// Signs a reading of the victim with `key` and publishes it on `topic`; counts the message,
 /// or the disconnect when the server no longer takes the session. Returns whether it went out.
 async fn send_reading(
@@ -249,12 +264,8 @@ async fn publish_stream(
     let mut next = Instant::now();
     while started.elapsed() < plan.duration {
         let now_ms = unix_ms();
-        let reading = Reading {
-            device_id: plan.victim.device_id.clone(),
-            seq,
-            sampled_at_ms: now_ms,
-            measurements: values(now_ms, started.elapsed().as_secs_f64()),
-        };
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let reading = victim_reading(plan, seq, now_ms, values(now_ms, elapsed_s));
         let key = forger.unwrap_or(&plan.victim.signing_key);
         if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
             break;
@@ -285,12 +296,7 @@ async fn second_client(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::
         };
         while started.elapsed() < plan.duration {
             let now_ms = unix_ms();
-            let reading = Reading {
-                device_id: plan.victim.device_id.clone(),
-                seq,
-                sampled_at_ms: now_ms,
-                measurements: values(now_ms, 0.0),
-            };
+            let reading = victim_reading(plan, seq, now_ms, values(now_ms, 0.0));
             let key = &plan.victim.signing_key;
             if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
                 break;
@@ -313,12 +319,7 @@ async fn replayed(plan: &AttackPlan, record: &mut AttackRecord) -> anyhow::Resul
     let mut values = synthetic_values(plan, Values::Noise);
     for seq in 1..=plan.last_seq.clamp(1, 20) {
         let now_ms = unix_ms();
-        let reading = Reading {
-            device_id: plan.victim.device_id.clone(),
-            seq,
-            sampled_at_ms: now_ms,
-            measurements: values(now_ms, 0.0),
-        };
+        let reading = victim_reading(plan, seq, now_ms, values(now_ms, 0.0));
         let key = &plan.victim.signing_key;
         if !send_reading(&mut mqtt, record, key, &topic, &reading).await {
             break;
