@@ -23,7 +23,8 @@
 //! - `VIGIL_CRASH_DEVICES`: simulated devices (default 50);
 //! - `VIGIL_CRASH_RATE_HZ`: readings per device per second (default 10);
 //! - `VIGIL_CRASH_SEED`: the seed of device keys and kill delays (default random; printed at the
-//!   start, so that a failing run's kill schedule and fleet can be replayed).
+//!   start, so that a failing run's kill schedule and fleet can be replayed);
+//! - `VIGIL_CRASH_KEEP`: when set, the data directory and server log are kept for inspection.
 //!
 //! The run ends with one summary line on stderr: cycles, acknowledged readings checked, re-sends.
 
@@ -377,8 +378,19 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
     );
     let mut rng = StdRng::seed_from_u64(settings.seed);
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("crash.toml");
+    let dir = tempfile::Builder::new()
+        .prefix("vigil-crash-")
+        .tempdir()
+        .unwrap();
+    // Kept for a post-mortem when asked: the data directory, the config and the server log.
+    let dir_path = if std::env::var_os("VIGIL_CRASH_KEEP").is_some() {
+        let kept = dir.keep();
+        eprintln!("crash test: keeping {}", kept.display());
+        kept
+    } else {
+        dir.path().to_owned()
+    };
+    let config = dir_path.join("crash.toml");
     // Cut-off needs confirmation, so that reconnect churn cannot quarantine a fleet device;
     // frequent flushes and small segments put kills inside flushes, rolls and deletions.
     std::fs::write(
@@ -388,7 +400,7 @@ async fn acknowledged_readings_survive_repeated_kill_9_under_load() {
     )
     .unwrap();
     let mut server = Server::start_with(
-        &dir.path().join("data"),
+        &dir_path.join("data"),
         &["--config", config.to_str().unwrap()],
     );
 
