@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ntex::service::cfg::SharedCfg;
-use ntex::service::{fn_factory_with_config, fn_service};
+use ntex::service::{chain_factory, fn_factory_with_config, fn_service};
 use ntex::time::{Millis, Seconds};
 use ntex::util::{ByteString, Bytes, Ready};
 use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, v3, v5};
@@ -26,6 +26,7 @@ use vigil_proto::v1::Notice;
 use vigil_proto::{notices_topic, readings_topic};
 use vigil_store::Rejection;
 
+use crate::arrival::{ArrivalHandle, ArrivalOrder, ArrivalScanner, Ticket};
 use crate::login::{LoginChecker, LoginRefusal};
 use crate::metrics::IngestMetrics;
 use crate::payload::check_payload;
@@ -97,52 +98,6 @@ struct DeviceSession {
     notices_topic: Arc<str>,
     order: Rc<ArrivalOrder>,
     _registration: Rc<Registration>,
-}
-
-/// Keeps one connection's publishes in arrival order until they are queued for verification.
-///
-/// ntex-mqtt runs the handlers of in-flight publishes concurrently, and a handler may wait (for
-/// its payload, or for room in the verifier queue). Each publish takes a ticket when it is
-/// dispatched, in arrival order, and queues its reading only on its turn, so a later reading
-/// can never overtake an earlier one and make it look like a replay.
-#[derive(Debug, Default)]
-struct ArrivalOrder {
-    issued: std::cell::Cell<u64>,
-    next: std::cell::Cell<u64>,
-    turn_changed: tokio::sync::Notify,
-}
-
-impl ArrivalOrder {
-    fn ticket(&self) -> u64 {
-        let ticket = self.issued.get();
-        self.issued.set(ticket + 1);
-        ticket
-    }
-
-    /// Waits until every earlier ticket has passed; the turn ends when the guard drops.
-    async fn turn(self: &Rc<Self>, ticket: u64) -> Turn {
-        loop {
-            let turn_changed = self.turn_changed.notified();
-            if self.next.get() == ticket {
-                return Turn {
-                    order: self.clone(),
-                };
-            }
-            turn_changed.await;
-        }
-    }
-}
-
-/// Holds a publish's turn; dropping it lets the next ticket go.
-struct Turn {
-    order: Rc<ArrivalOrder>,
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.order.next.set(self.order.next.get() + 1);
-        self.order.turn_changed.notify_waiters();
-    }
 }
 
 /// Removes the session from the table when the connection's state is dropped, however the
@@ -231,6 +186,7 @@ impl GatewayContext {
         device: Arc<DeviceEntry>,
         peer: Arc<str>,
         sink: SessionSink,
+        order: Rc<ArrivalOrder>,
     ) -> DeviceSession {
         let (generation, close_order, replaced) = self.sessions.open(&device.id);
         self.metrics.connected_devices.inc();
@@ -247,7 +203,7 @@ impl GatewayContext {
         DeviceSession {
             readings_topic: Arc::from(readings_topic(&device.id)),
             notices_topic: notices,
-            order: Rc::new(ArrivalOrder::default()),
+            order,
             _registration: Rc::new(Registration {
                 context: self.clone(),
                 device_id: device.id.clone(),
@@ -288,20 +244,20 @@ impl GatewayContext {
     async fn process(
         &self,
         session: &DeviceSession,
-        ticket: u64,
+        ticket: Ticket,
         topic: &str,
         payload: &[u8],
     ) -> Outcome {
-        let turn = session.order.turn(ticket).await;
+        ticket.turn().await;
         if topic != &*session.readings_topic {
-            drop(turn);
+            drop(ticket);
             let detail = format!("topic {}", truncate_chars(topic, 200));
             return self
                 .refuse(session, RefusalReason::TopicNotAllowed, detail)
                 .await;
         }
         if payload.len() > self.settings.max_payload_bytes {
-            drop(turn);
+            drop(ticket);
             let detail = format!("{} bytes", payload.len());
             return self.refuse(session, RefusalReason::Oversized, detail).await;
         }
@@ -315,7 +271,7 @@ impl GatewayContext {
         ) {
             Ok(checked) => checked,
             Err((reason, detail)) => {
-                drop(turn);
+                drop(ticket);
                 return self.refuse(session, reason, detail).await;
             }
         };
@@ -331,7 +287,7 @@ impl GatewayContext {
             durable: durable_sender,
         };
         let queued = self.verifier.submit(job).await;
-        drop(turn);
+        drop(ticket);
         if queued.is_err() {
             return Outcome::Failed;
         }
@@ -391,6 +347,15 @@ async fn close_on_order(
     }
 }
 
+/// The connection's arrival order, fed by its [`ArrivalScanner`]; without one (never the case
+/// for a connection built by [`mqtt_service`]) an order whose tickets do not wait.
+fn arrival_order(io: &ntex::io::IoBoxed) -> Rc<ArrivalOrder> {
+    match io.query::<ArrivalHandle>().as_ref() {
+        Some(handle) => handle.0.clone(),
+        None => Rc::default(),
+    }
+}
+
 fn peer_of(io: &ntex::io::IoBoxed) -> Arc<str> {
     match io.query::<ntex::io::types::PeerAddr>().get() {
         Some(peer) => Arc::from(peer.0.to_string()),
@@ -430,7 +395,8 @@ async fn handshake_v3(
     match admitted {
         Some(device) => {
             let sink = SessionSink::V3(handshake.sink());
-            let session = context.open_session(device, peer, sink);
+            let order = arrival_order(handshake.io());
+            let session = context.open_session(device, peer, sink, order);
             Ok(handshake.ack(session, false).idle_timeout(keep))
         }
         None => Ok(handshake.not_authorized()),
@@ -454,7 +420,8 @@ async fn handshake_v5(
     match admitted {
         Some(device) => {
             let sink = SessionSink::V5(handshake.sink());
-            let session = context.open_session(device, peer, sink);
+            let order = arrival_order(handshake.io());
+            let session = context.open_session(device, peer, sink, order);
             let max_packet = max_frame_bytes(&context.settings);
             let inflight = context.settings.max_inflight_per_device;
             Ok(handshake.ack(session).keep_alive(keep.0).with(|ack| {
@@ -469,10 +436,10 @@ async fn handshake_v5(
 async fn publish_v3(
     context: Arc<GatewayContext>,
     session: v3::Session<DeviceSession>,
-    ticket: u64,
     publish: v3::Publish,
 ) -> Result<(), GatewayError> {
     let started = Instant::now();
+    let ticket = session.order.claim(publish.id());
     let payload = publish
         .read_all()
         .await
@@ -499,10 +466,10 @@ async fn publish_v3(
 async fn publish_v5(
     context: Arc<GatewayContext>,
     session: v5::Session<DeviceSession>,
-    ticket: u64,
     publish: v5::Publish,
 ) -> Result<v5::PublishAck, GatewayError> {
     let started = Instant::now();
+    let ticket = session.order.claim(publish.id());
     let payload = publish
         .read_all()
         .await
@@ -558,9 +525,7 @@ pub(crate) fn mqtt_service<F: ntex::io::Filter>(
                 move |session: v3::Session<DeviceSession>| {
                     let context = publish_context.clone();
                     Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
-                        // The ticket is taken at dispatch, in arrival order, before any await.
-                        let ticket = session.order.ticket();
-                        publish_v3(context.clone(), session.clone(), ticket, publish)
+                        publish_v3(context.clone(), session.clone(), publish)
                     }))
                 },
             ))
@@ -586,14 +551,17 @@ pub(crate) fn mqtt_service<F: ntex::io::Filter>(
                 move |session: v5::Session<DeviceSession>| {
                     let context = publish_context.clone();
                     Ready::Ok::<_, GatewayError>(fn_service(move |publish| {
-                        let ticket = session.order.ticket();
-                        publish_v5(context.clone(), session.clone(), ticket, publish)
+                        publish_v5(context.clone(), session.clone(), publish)
                     }))
                 },
             ))
     };
 
-    MqttServer::new().v3(v3_server).v5(v5_server)
+    // The arrival scanner sits below the MQTT codec (and above TLS) to number publishes.
+    chain_factory(fn_service(async |io: ntex::io::Io<F>| {
+        Ok::<_, ntex_mqtt::MqttError<GatewayError>>(io.add_filter(ArrivalScanner::default()))
+    }))
+    .and_then(MqttServer::new().v3(v3_server).v5(v5_server))
 }
 
 /// Notices go out with QoS 1 (see [`close_on_order`]); a subscription gets at most that.

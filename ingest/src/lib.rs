@@ -4,6 +4,7 @@
 //! In: MQTT connections from devices. Out: verified readings and refusal records, handed to
 //! the store's write-ahead log; a PUBACK goes back to the device once the log has them.
 
+pub mod arrival;
 pub mod gateway;
 pub mod guard;
 pub mod login;
