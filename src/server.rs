@@ -60,6 +60,18 @@ impl RunningServer {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
+        // SQL reads Parquet files by absolute location: a relative data directory (the
+        // default is one) is resolved once, so that later changes of directory cannot move it.
+        let data_dir = std::fs::canonicalize(&config.data_dir).with_context(|| {
+            format!(
+                "cannot resolve data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let config = &VigilConfig {
+            data_dir,
+            ..config.clone()
+        };
         let grpc_metrics = Arc::new(GrpcMetrics::new());
         let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
         let auth = Arc::new(Authenticator::load_or_create(

@@ -1,7 +1,9 @@
 //! Durability: readings acknowledged before a `kill -9` are all there after a restart, each
 //! exactly once, and the replay guard still recognises re-sends and replays.
 
-use crate::support::{Server, TestDevice, V3Device};
+use std::path::Path;
+
+use crate::support::{Server, TestDevice, V3Device, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_readings_survive_kill_9_exactly_once() {
@@ -73,4 +75,56 @@ async fn acknowledged_readings_survive_kill_9_exactly_once() {
         server.metric("vigil_ingest_readings_refused_total{reason=\"replay\"}"),
         1.0
     );
+}
+
+/// With a data directory relative to the working directory (the example config's default),
+/// readings written to Parquet stay queryable, and stay so across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_data_directory_serves_parquet_to_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fast-flush.toml");
+    std::fs::write(&config, "[store]\nflush_interval_ms = 200\n").unwrap();
+    let mut server = Server::start_in(
+        dir.path(),
+        Path::new("vigil-data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let device = TestDevice::new("relative-0");
+    server.enroll(&[&device]);
+
+    const READINGS: u64 = 20;
+    let mut connection = V3Device::connect(&device, server.mqtt).await.unwrap();
+    let payloads = (1..=READINGS).map(|seq| device.payload(seq)).collect();
+    connection
+        .publish_all(&device.topic(), payloads)
+        .await
+        .unwrap();
+
+    let readings = dir.path().join("vigil-data/tables/readings");
+    wait_for(
+        || parquet_files(&readings) > 0,
+        "the hot tier to be flushed to Parquet",
+    )
+    .await;
+    let total = "SELECT count(*) FROM readings";
+    assert_eq!(server.sql_count(total).await, 2 * READINGS as i64);
+    server.restart();
+    assert_eq!(server.sql_count(total).await, 2 * READINGS as i64);
+}
+
+fn parquet_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                parquet_files(&path)
+            } else {
+                usize::from(path.extension().is_some_and(|ext| ext == "parquet"))
+            }
+        })
+        .sum()
 }

@@ -28,6 +28,9 @@ pub struct Server {
     pub http: SocketAddr,
     pub token: String,
     extra_args: Vec<String>,
+    /// Where the server runs and what `--data-dir` says, when the directory is given relative
+    /// to it.
+    relative: Option<(PathBuf, PathBuf)>,
 }
 
 /// A free loopback port below the kernel's ephemeral range (32768 and up on Linux). A server
@@ -75,6 +78,24 @@ impl Server {
             http: free_port(),
             token: String::new(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            relative: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts in `working_dir` with `--data-dir` relative to it, as an operator would with the
+    /// example config.
+    pub fn start_in(working_dir: &Path, relative_data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut server = Server {
+            child: None,
+            data_dir: working_dir.join(relative_data_dir),
+            mqtt: free_port(),
+            grpc: free_port(),
+            http: free_port(),
+            token: String::new(),
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            relative: Some((working_dir.to_owned(), relative_data_dir.to_owned())),
         };
         server.spawn();
         server
@@ -86,10 +107,16 @@ impl Server {
             .append(true)
             .open(self.data_dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(BIN)
-            .arg("run")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
+        let mut command = Command::new(BIN);
+        match &self.relative {
+            Some((working_dir, data_dir)) => command
+                .current_dir(working_dir)
+                .arg("run")
+                .arg("--data-dir")
+                .arg(data_dir),
+            None => command.arg("run").arg("--data-dir").arg(&self.data_dir),
+        };
+        let child = command
             .arg("--mqtt-listen")
             .arg(self.mqtt.to_string())
             .arg("--grpc-listen")
