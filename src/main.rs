@@ -440,9 +440,13 @@ async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::R
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // A log that cannot be written (its disk is full, say) is lost silently: the default
+    // report of a failed write goes to stderr through `eprintln!`, which panics when stderr
+    // fails too, and would take down whichever thread logged (the log writer, a verifier).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if format == "json" {
         builder.json().init();
     } else {

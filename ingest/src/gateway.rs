@@ -289,17 +289,25 @@ impl GatewayContext {
         let queued = self.verifier.submit(job).await;
         drop(ticket);
         if queued.is_err() {
-            return Outcome::Failed;
+            return self.not_durable();
         }
 
         let Ok(verdict) = verdict.await else {
-            return Outcome::Failed;
+            return self.not_durable();
         };
         match (verdict, durable.await) {
             (Verdict::Stored | Verdict::Resent, Ok(Ok(()))) => Outcome::Accepted,
             (Verdict::Refused(reason), _) => Outcome::Refused(reason),
-            (_, _) => Outcome::Failed,
+            (_, _) => self.not_durable(),
         }
+    }
+
+    /// A reading the server could not make durable (the log cannot be written, say on a full
+    /// disk, or the server is stopping): counted as refused for overload, and not stored.
+    /// Nothing is recorded in `rejections`, which lives in the same log.
+    fn not_durable(&self) -> Outcome {
+        self.metrics.refused(RefusalReason::Overloaded);
+        Outcome::Failed
     }
 }
 

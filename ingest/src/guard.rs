@@ -48,6 +48,19 @@ impl ReplayGuard {
     }
 
     /// Classifies a reading and, when it is new, records it as accepted.
+    /// Replaces every device's state with what `durable` says was stored (none: nothing),
+    /// dropping what this guard counted as stored but never became durable.
+    pub fn resync(&mut self, durable: impl Fn(&str) -> Option<SeqState>) {
+        self.devices
+            .retain(|device_id, state| match durable(device_id) {
+                Some(stored) => {
+                    *state = stored;
+                    true
+                }
+                None => false,
+            });
+    }
+
     pub fn check(&mut self, device_id: &Arc<str>, seq: u64, digest: [u8; 16]) -> SeqCheck {
         let state = match self.devices.get_mut(device_id) {
             Some(state) => state,

@@ -100,6 +100,7 @@ impl VerifierPool {
                 metrics: metrics.clone(),
                 observations: observations.clone(),
                 max_batch: settings.max_batch.max(1),
+                seen_failed_groups: wal.failed_groups(),
             };
             thread::Builder::new()
                 .name(format!("vigil-verify-{index}"))
@@ -143,6 +144,8 @@ struct ShardWorker {
     metrics: Arc<IngestMetrics>,
     observations: ObservationSender,
     max_batch: usize,
+    /// Failed group commits already accounted for in `guard`.
+    seen_failed_groups: u64,
 }
 
 impl ShardWorker {
@@ -164,9 +167,37 @@ impl ShardWorker {
                 .set(self.receiver.len() as i64);
 
             let valid = scratch.verify(&batch);
+            self.resync_after_failures();
             self.decide_and_store(&mut batch, &valid);
         }
         tracing::debug!("verifier thread stops: its queue closed");
+    }
+
+    /// After a failed group commit, the guard counts as stored readings that never became
+    /// durable; their re-sends would be taken for replays. Once everything submitted so far
+    /// is handled, the guard is reset to the durable state.
+    fn resync_after_failures(&mut self) {
+        let failed = self.wal.failed_groups();
+        if failed == self.seen_failed_groups {
+            return;
+        }
+        let (done, handled) = oneshot::channel();
+        if self
+            .wal
+            .submit_batch(vec![(WalEntry::Barrier, Some(done))])
+            .is_err()
+        {
+            return;
+        }
+        // The barrier's result does not matter, only that everything before it was handled.
+        let _ = handled.blocking_recv();
+        self.guard
+            .resync(|device_id| self.wal.durable_state(device_id));
+        self.seen_failed_groups = failed;
+        tracing::info!(
+            failed_groups = failed,
+            "replay guard reset to the durable readings after a failed log write"
+        );
     }
 
     /// In arrival order: quarantine, signature, replay guard; then one log submission.
@@ -213,7 +244,11 @@ impl ShardWorker {
                 }
                 Verdict::Resent => {
                     self.metrics.readings_resent.inc();
-                    WalEntry::Barrier
+                    WalEntry::Resend {
+                        device_id: job.device.id.clone(),
+                        seq: job.payload.seq,
+                        signature_digest: job.payload.signature_digest(),
+                    }
                 }
                 Verdict::Refused(reason) => {
                     self.metrics.refused(reason);

@@ -41,9 +41,9 @@ pub enum StoreError {
         /// The I/O error, as text (shared by every entry of the group).
         reason: String,
     },
-    /// A barrier cannot vouch for earlier entries because a WAL write failed since start.
-    #[error("an earlier WAL group commit failed; entries before this barrier may not be durable")]
-    BarrierAfterFailure,
+    /// A re-sent reading is not among the durable ones (its first write failed).
+    #[error("re-sent reading seq {seq} is not durable")]
+    ResentNotDurable { seq: u64 },
     /// Writing a Parquet file failed.
     #[error("parquet file {path}: {source}")]
     Parquet {

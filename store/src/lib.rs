@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -112,8 +113,15 @@ pub enum WalEntry {
     Reading(AcceptedReading),
     /// A rejection.
     Rejection(Rejection),
-    /// Writes nothing; completes once everything submitted before it is durable.
+    /// Writes nothing; completes once every entry submitted before it is durable or failed.
     Barrier,
+    /// An exact re-send of a reading believed stored: writes nothing; completes once every
+    /// entry submitted before it is handled, with `Ok` only if the reading is durable.
+    Resend {
+        device_id: Arc<str>,
+        seq: u64,
+        signature_digest: [u8; 16],
+    },
 }
 
 /// Fired once the entry is durable (or failed).
@@ -123,6 +131,8 @@ pub type Completion = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 #[derive(Clone)]
 pub struct WalSender {
     commands: Sender<Command>,
+    guard: Arc<Mutex<GuardState>>,
+    failed_groups: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for WalSender {
@@ -154,6 +164,18 @@ impl WalSender {
     /// Entries waiting in the submission queue.
     pub fn queue_depth(&self) -> usize {
         self.commands.len()
+    }
+
+    /// Group commits that failed since start. A submitter that keeps its own view of what is
+    /// stored (the verifier's replay guard) re-reads [`WalSender::durable_state`] when this
+    /// changes, so that a reading whose write failed can be sent again.
+    pub fn failed_groups(&self) -> u64 {
+        self.failed_groups.load(Ordering::Acquire)
+    }
+
+    /// Replay-guard state of the device's durable readings.
+    pub fn durable_state(&self, device_id: &str) -> Option<SeqState> {
+        self.guard.lock().devices.get(device_id).cloned()
     }
 }
 
@@ -187,6 +209,8 @@ pub(crate) struct Shared {
     pub(crate) catalog: Arc<RwLock<Catalog>>,
     /// Live replay-guard state of the durable readings (updated by the writer).
     pub(crate) guard: Arc<Mutex<GuardState>>,
+    /// Failed group commits since start (counted by the writer).
+    pub(crate) failed_groups: Arc<AtomicU64>,
     pub(crate) metrics: Metrics,
     pub(crate) commands: Sender<Command>,
     /// Serialises flushes; holds what the next snapshot must record.
@@ -260,7 +284,7 @@ impl ReplayLoader<'_> {
         match entry {
             WalEntry::Reading(reading) => self.readings.push(reading),
             WalEntry::Rejection(rejection) => self.rejections.push(rejection),
-            WalEntry::Barrier => {}
+            WalEntry::Barrier | WalEntry::Resend { .. } => {}
         }
         if self.readings.len() + self.rejections.len() >= REPLAY_CHUNK_ENTRIES {
             self.finish_chunk()?;
@@ -376,6 +400,7 @@ impl Store {
             flush_max_rows: config.flush_max_rows,
             catalog: Arc::new(RwLock::new(catalog)),
             guard: Arc::new(Mutex::new(guard)),
+            failed_groups: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
             commands: commands_tx,
             flush_state: Mutex::new(FlushState {
@@ -394,9 +419,9 @@ impl Store {
             commands: commands_rx,
             catalog: shared.catalog.clone(),
             guard: shared.guard.clone(),
+            failed_groups: shared.failed_groups.clone(),
             metrics,
             flush_nudge: nudge_tx,
-            failed_since_start: false,
         };
         let writer = std::thread::Builder::new()
             .name("vigil-wal-writer".to_owned())
@@ -421,6 +446,8 @@ impl Store {
     pub fn wal_sender(&self) -> WalSender {
         WalSender {
             commands: self.shared.commands.clone(),
+            guard: self.shared.guard.clone(),
+            failed_groups: self.shared.failed_groups.clone(),
         }
     }
 

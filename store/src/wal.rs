@@ -96,7 +96,7 @@ pub(crate) fn encode_entry(buf: &mut Vec<u8>, entry: &WalEntry) {
         WalEntry::Rejection(rejection) => {
             encode_record(buf, KIND_REJECTION, |b| encode_rejection(b, rejection))
         }
-        WalEntry::Barrier => {}
+        WalEntry::Barrier | WalEntry::Resend { .. } => {}
     }
 }
 

@@ -10,14 +10,16 @@
 //!   tier (so a query sees a reading as soon as it is acknowledged), record the readings in
 //!   the live replay-guard state, and fire the completions with `Ok`.
 //! - Entries are handled in submission order, so a barrier's completion fires after every
-//!   entry submitted before it is durable. If any group has failed since start, barriers
-//!   complete with an error: the writer can no longer vouch for everything before them.
-//! - A failed group completes every entry with an error and changes no state; the writer then
-//!   continues in a fresh segment.
+//!   entry submitted before it is durable or failed. A re-send's completion is `Ok` only if
+//!   the live replay-guard state (the durable readings) holds its seq and digest.
+//! - A failed group completes every entry with an error and changes no state but the count of
+//!   failed groups, raised before the completions fire; the writer then continues in a fresh
+//!   segment.
 //! - A roll requested by a flush happens between groups; at that moment every record of the
 //!   older segments is in the hot tier, which is sealed under the same catalog lock.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -54,7 +56,7 @@ pub(crate) struct Writer {
     pub(crate) metrics: Metrics,
     /// Wakes the flusher when the hot tier is full.
     pub(crate) flush_nudge: Sender<()>,
-    pub(crate) failed_since_start: bool,
+    pub(crate) failed_groups: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -161,17 +163,14 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.apply_durable(group);
-                let barrier_result = || {
-                    if self.failed_since_start {
-                        Err(StoreError::BarrierAfterFailure)
-                    } else {
-                        Ok(())
-                    }
-                };
                 for (entry, completion) in group.drain(..) {
                     if let Some(completion) = completion {
                         let result = match entry {
-                            WalEntry::Barrier => barrier_result(),
+                            WalEntry::Resend {
+                                device_id,
+                                seq,
+                                signature_digest,
+                            } => self.resend_result(&device_id, seq, signature_digest),
                             _ => Ok(()),
                         };
                         // A dropped receiver means the submitter stopped waiting: fine.
@@ -181,7 +180,7 @@ impl Writer {
                 self.roll_if_full();
             }
             Err(error) => {
-                self.failed_since_start = true;
+                self.failed_groups.fetch_add(1, Ordering::Release);
                 let path = self.segment.path().to_path_buf();
                 tracing::error!(
                     path = %path.display(),
@@ -206,6 +205,20 @@ impl Writer {
             }
         }
         self.metrics.queue_depth.set(self.commands.len() as i64);
+    }
+
+    /// `Ok` if the re-sent reading is durable.
+    fn resend_result(&self, device_id: &str, seq: u64, digest: [u8; 16]) -> Result<()> {
+        let guard = self.guard.lock();
+        let durable = guard
+            .devices
+            .get(device_id)
+            .is_some_and(|state| state.recent.contains(&(seq, digest)));
+        if durable {
+            Ok(())
+        } else {
+            Err(StoreError::ResentNotDurable { seq })
+        }
     }
 
     /// Hot tier, then replay-guard state, for a group that is durable.

@@ -137,6 +137,51 @@ fn completions_fire_after_durability_and_barrier_waits() {
     assert!(matches!(error, StoreError::Shutdown));
 }
 
+#[test]
+fn a_resend_completes_only_if_the_reading_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(config(dir.path())).unwrap();
+    let stored = reading("pump-1", 1, T0);
+    let digest = stored.signature_digest;
+    let resend = |seq: u64, signature_digest: [u8; 16]| {
+        let (done, result) = completion();
+        store
+            .wal_sender()
+            .submit_batch(vec![(
+                WalEntry::Resend {
+                    device_id: "pump-1".into(),
+                    seq,
+                    signature_digest,
+                },
+                Some(done),
+            )])
+            .unwrap();
+        result.blocking_recv().unwrap()
+    };
+
+    assert!(
+        matches!(
+            resend(1, digest),
+            Err(StoreError::ResentNotDurable { seq: 1 })
+        ),
+        "nothing is stored yet"
+    );
+    store
+        .wal_sender()
+        .submit_batch(vec![(WalEntry::Reading(stored), None)])
+        .unwrap();
+    resend(1, digest).unwrap();
+    assert_eq!(store.wal_sender().failed_groups(), 0);
+    assert_eq!(
+        store
+            .wal_sender()
+            .durable_state("pump-1")
+            .map(|state| state.highest_seq),
+        Some(1)
+    );
+    store.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_restores_hot_rows_and_seq_state() {
     let dir = tempfile::tempdir().unwrap();

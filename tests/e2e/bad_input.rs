@@ -5,58 +5,12 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use rumqttc::v5::mqttbytes::QoS as V5QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet as V5Packet, PubAckReason};
-use rumqttc::v5::{
-    AsyncClient as V5Client, Event as V5Event, EventLoop as V5EventLoop, MqttOptions as V5Options,
-};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
 use vigil_proto::v1::SignedReading;
 use vigil_proto::{make_login_token, sign_reading};
 
-use crate::support::{Server, TestDevice, V3Device, now_s, wait_for};
-
-struct V5Device {
-    client: V5Client,
-    events: V5EventLoop,
-}
-
-impl V5Device {
-    async fn connect(device: &TestDevice, server: &Server) -> Self {
-        let mut options =
-            V5Options::new(&device.id, server.mqtt.ip().to_string(), server.mqtt.port());
-        options.set_credentials(&device.id, device.token());
-        let (client, mut events) = V5Client::new(options, 64);
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), events.poll())
-                .await
-                .unwrap()
-            {
-                Ok(V5Event::Incoming(V5Packet::ConnAck(_))) => return Self { client, events },
-                Ok(_) => continue,
-                Err(error) => panic!("v5 connect failed: {error}"),
-            }
-        }
-    }
-
-    /// Publishes one message and returns the PUBACK's reason code.
-    async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> PubAckReason {
-        self.client
-            .publish(topic, V5QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.events.poll())
-                .await
-                .unwrap()
-            {
-                Ok(V5Event::Incoming(V5Packet::PubAck(ack))) => return ack.reason,
-                Ok(_) => continue,
-                Err(error) => panic!("v5 connection failed: {error}"),
-            }
-        }
-    }
-}
+use crate::support::{Server, TestDevice, V3Device, V5Device, now_s, wait_for};
 
 fn refused(error: ConnectionError) -> ConnectReturnCode {
     match error {

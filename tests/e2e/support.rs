@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,6 +13,11 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use ed25519_dalek::SigningKey;
 use futures::TryStreamExt;
 use prost::Message;
+use rumqttc::v5::mqttbytes::QoS as V5QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet as V5Packet, PubAckReason};
+use rumqttc::v5::{
+    AsyncClient as V5Client, Event as V5Event, EventLoop as V5EventLoop, MqttOptions as V5Options,
+};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tonic::transport::Channel;
 use vigil_proto::v1::{Measurement, Reading};
@@ -471,5 +477,48 @@ pub async fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A device on MQTT v5, whose PUBACKs carry the server's reason codes.
+pub struct V5Device {
+    client: V5Client,
+    events: V5EventLoop,
+}
+
+impl V5Device {
+    pub async fn connect(device: &TestDevice, server: &Server) -> Self {
+        let mut options =
+            V5Options::new(&device.id, server.mqtt.ip().to_string(), server.mqtt.port());
+        options.set_credentials(&device.id, device.token());
+        let (client, mut events) = V5Client::new(options, 64);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll())
+                .await
+                .unwrap()
+            {
+                Ok(V5Event::Incoming(V5Packet::ConnAck(_))) => return Self { client, events },
+                Ok(_) => continue,
+                Err(error) => panic!("v5 connect failed: {error}"),
+            }
+        }
+    }
+
+    /// Publishes one message and returns the PUBACK's reason code.
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> PubAckReason {
+        self.client
+            .publish(topic, V5QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.poll())
+                .await
+                .unwrap()
+            {
+                Ok(V5Event::Incoming(V5Packet::PubAck(ack))) => return ack.reason,
+                Ok(_) => continue,
+                Err(error) => panic!("v5 connection failed: {error}"),
+            }
+        }
     }
 }
