@@ -8,6 +8,7 @@ mod bad_input;
 mod contract;
 mod crash;
 mod detection;
+mod floods;
 mod overload;
 mod pipeline;
 mod restart;

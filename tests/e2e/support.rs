@@ -522,3 +522,54 @@ impl V5Device {
         }
     }
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 (openssl, which the test set-up
+/// installs); returns the certificate and key paths.
+pub fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let generated = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    (cert, key)
+}
+
+/// A server with MQTT over TLS on a port of its own; returns it, the TLS address and the
+/// certificate a client trusts.
+pub fn tls_server(dir: &Path) -> (Server, SocketAddr, PathBuf) {
+    let (cert, key) = self_signed_certificate(dir);
+    let tls_address = free_port();
+    let config = dir.join("vigil-tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ingest]\ntls_cert_path = {:?}\ntls_key_path = {:?}\nmqtt_tls_listen = \"{tls_address}\"\n\n\
+             [detect]\ndefault_policy = \"alert_and_confirm\"\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(&dir.join("data"), &["--config", config.to_str().unwrap()]);
+    (server, tls_address, cert)
+}
