@@ -1,9 +1,15 @@
-//! Storage trouble: a full disk. The server refuses readings it cannot make durable with a
-//! reason (MQTT v5 PUBACK 0x97, counted), keeps serving (though its own log cannot be written),
-//! keeps every reading it acknowledged, and takes readings again once space is freed.
+//! Storage trouble.
 //!
-//! The disk is a small tmpfs mounted for the test, which needs root (as in CI here); where
-//! mounting is not permitted the test says so on stderr and does nothing else.
+//! - A full disk: the server refuses readings it cannot make durable with a reason (MQTT v5
+//!   PUBACK 0x97, counted), keeps serving (though its own log cannot be written), keeps every
+//!   reading it acknowledged, and takes readings again once space is freed.
+//! - A stalled disk: PUBACKs wait for durability, so devices are held back by their in-flight
+//!   windows; the server's memory stays flat; once the disk is fast again, every reading is
+//!   stored exactly once.
+//!
+//! The full disk is a small tmpfs; the stalled one an ext4 file system on a loop device whose
+//! writes a cgroup (v1 blkio) throttles. Both need root, as CI here has; where a step is not
+//! permitted the test says so on stderr and does nothing else.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -171,5 +177,223 @@ async fn a_full_disk_refuses_readings_with_a_reason_and_recovers_when_space_free
     assert_eq!(
         stored, expected,
         "every acknowledged reading stored once (two measurements each), nothing refused stored"
+    );
+}
+
+/// An ext4 file system on a loop device whose writes a blkio cgroup can slow down: a real
+/// slow disk, from the server's point of view.
+struct SlowDisk {
+    mount: PathBuf,
+    device: String,
+    major_minor: String,
+    cgroup: PathBuf,
+}
+
+impl SlowDisk {
+    fn create(dir: &Path) -> Option<Self> {
+        let run = |program: &str, args: &[&str]| -> Option<String> {
+            let output = Command::new(program).args(args).output().ok()?;
+            if output.status.success() {
+                Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+            } else {
+                eprintln!(
+                    "stalled-disk test not run: {program} {args:?} failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                None
+            }
+        };
+        let cgroup_root = Path::new("/sys/fs/cgroup/blkio");
+        if !cgroup_root
+            .join("blkio.throttle.write_iops_device")
+            .exists()
+        {
+            eprintln!("stalled-disk test not run: no cgroup v1 blkio controller here");
+            return None;
+        }
+        let image = dir.join("slow.img");
+        std::fs::File::create(&image)
+            .and_then(|file| file.set_len(256 << 20))
+            .ok()?;
+        let image = image.to_str()?.to_owned();
+        let device = run("losetup", &["-f", "--show", &image])?;
+        let disk = Self {
+            mount: dir.join("slow"),
+            major_minor: run("lsblk", &["-dno", "MAJ:MIN", &device])?,
+            device,
+            cgroup: cgroup_root.join(format!("vigil-e2e-{}", std::process::id())),
+        };
+        run("mkfs.ext4", &["-q", &disk.device])?;
+        std::fs::create_dir_all(&disk.mount).ok()?;
+        run("mount", &[&disk.device, disk.mount.to_str()?])?;
+        std::fs::create_dir_all(&disk.cgroup).ok()?;
+        Some(disk)
+    }
+
+    /// Puts the process in the cgroup and limits its writes to the disk to `iops` per second.
+    fn throttle(&self, pid: u32, iops: u32) {
+        std::fs::write(self.cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(
+            self.cgroup.join("blkio.throttle.write_iops_device"),
+            format!("{} {iops}", self.major_minor),
+        )
+        .unwrap();
+    }
+
+    fn unthrottle(&self) {
+        std::fs::write(
+            self.cgroup.join("blkio.throttle.write_iops_device"),
+            format!("{} 0", self.major_minor),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mount)
+            .status()
+            .is_ok_and(|status| status.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A device connected with an in-flight window of 32.
+async fn connect_device(
+    device: &TestDevice,
+    mqtt: std::net::SocketAddr,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut options = device.options(mqtt);
+    options.set_inflight(32);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 8);
+    loop {
+        match events.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return (client, events),
+            Ok(_) => {}
+            Err(error) => panic!("{}: cannot connect: {error}", device.id),
+        }
+    }
+}
+
+/// Publishes `readings` readings as fast as the in-flight window lets the device, then waits
+/// for the last PUBACK; returns how many were acknowledged.
+async fn push_readings(
+    device: TestDevice,
+    (client, mut events): (rumqttc::AsyncClient, rumqttc::EventLoop),
+    readings: u64,
+) -> u64 {
+    let topic = device.topic();
+    let payloads: Vec<Vec<u8>> = (1..=readings).map(|seq| device.payload(seq)).collect();
+    let publisher = tokio::spawn(async move {
+        for payload in payloads {
+            if client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        client
+    });
+    let mut acknowledged = 0;
+    while acknowledged < readings {
+        match events.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acknowledged += 1,
+            Ok(_) => {}
+            Err(error) => panic!(
+                "{}: connection failed under a stalled disk: {error}",
+                device.id
+            ),
+        }
+    }
+    drop(publisher.await);
+    acknowledged
+}
+
+/// A disk that takes a handful of writes per second: PUBACKs wait for durability, devices are
+/// held back by their in-flight windows, the server's memory stays flat, and once the disk is
+/// fast again every reading is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_holds_devices_back_and_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SlowDisk::create(dir.path()) else {
+        return;
+    };
+    let server = Server::start_with(&disk.mount.join("data"), &[]);
+    const DEVICES: usize = 100;
+    const READINGS: u64 = 200;
+    let devices: Vec<TestDevice> = (0..DEVICES)
+        .map(|index| TestDevice::new(&format!("stall-{index:03}")))
+        .collect();
+    server.enroll(&devices.iter().collect::<Vec<_>>());
+
+    // Logins record their nonce durably, so the fleet logs in before the disk slows down.
+    let mut connected = Vec::new();
+    for device in devices {
+        let connection = connect_device(&device, server.mqtt).await;
+        connected.push((device, connection));
+    }
+    let pid = server.pid();
+    let before_kib = resident_kib(pid);
+    disk.throttle(pid, 2);
+
+    let fleet: Vec<_> = connected
+        .into_iter()
+        .map(|(device, connection)| tokio::spawn(push_readings(device, connection, READINGS)))
+        .collect();
+
+    // Stalled for a while: sample the server's memory.
+    let mut peak_kib = before_kib;
+    let stall_until = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while std::time::Instant::now() < stall_until {
+        peak_kib = peak_kib.max(resident_kib(pid));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let acknowledged_while_stalled = server.metric("vigil_store_wal_group_entries_count");
+    disk.unthrottle();
+
+    let mut acknowledged = 0;
+    for device in fleet {
+        acknowledged += device.await.unwrap();
+    }
+    peak_kib = peak_kib.max(resident_kib(pid));
+    eprintln!(
+        "stalled disk: {DEVICES} devices, server resident memory {} MiB before, peak {} MiB \
+         (+{} MiB), {acknowledged_while_stalled} group commits while stalled",
+        before_kib / 1024,
+        peak_kib / 1024,
+        peak_kib.saturating_sub(before_kib) / 1024
+    );
+    assert_eq!(acknowledged, DEVICES as u64 * READINGS);
+    // Readings in flight are bounded by devices x in-flight window (32 here): a few MiB.
+    assert!(
+        peak_kib.saturating_sub(before_kib) < 256 * 1024,
+        "memory grew by {} MiB under a stalled disk",
+        peak_kib.saturating_sub(before_kib) / 1024
+    );
+    let total = "SELECT count(*) FROM (SELECT DISTINCT device_id, seq FROM readings)";
+    assert_eq!(
+        server.sql_count(total).await,
+        (DEVICES as u64 * READINGS) as i64
+    );
+    let rows = "SELECT count(*) FROM readings";
+    assert_eq!(
+        server.sql_count(rows).await,
+        (DEVICES as u64 * READINGS * 2) as i64
     );
 }

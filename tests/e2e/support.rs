@@ -160,6 +160,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     /// Kills the process with SIGKILL: no shutdown code runs.
     pub fn kill_9(&mut self) {
         if let Some(mut child) = self.child.take() {
