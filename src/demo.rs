@@ -85,22 +85,56 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("\n{report}");
 
     let metrics = &server.ingest.metrics;
-    let refused: u64 = vigil_ingest::reasons::RefusalReason::ALL
-        .iter()
-        .map(|reason| {
-            metrics
-                .readings_refused
-                .get_or_create(&vigil_ingest::metrics::ReasonLabel {
-                    reason: reason.as_str(),
-                })
-                .get()
-        })
-        .sum();
+    let count = |family: &prometheus_client::metrics::family::Family<
+        vigil_ingest::metrics::ReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+                 reason: &'static str| {
+        family
+            .get_or_create(&vigil_ingest::metrics::ReasonLabel { reason })
+            .get()
+    };
+    let by_reason = |counts: Vec<(&'static str, u64)>| -> (u64, String) {
+        let total = counts.iter().map(|(_, n)| n).sum();
+        let listed: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        let listed = if listed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", listed.join(", "))
+        };
+        (total, listed)
+    };
+    let (refused, refused_reasons) = by_reason(
+        vigil_ingest::reasons::RefusalReason::ALL
+            .iter()
+            .map(|reason| {
+                (
+                    reason.as_str(),
+                    count(&metrics.readings_refused, reason.as_str()),
+                )
+            })
+            .collect(),
+    );
+    let (logins_refused, login_reasons) = by_reason(
+        vigil_ingest::login::LoginRefusal::ALL
+            .iter()
+            .map(|reason| {
+                (
+                    reason.as_str(),
+                    count(&metrics.logins_refused, reason.as_str()),
+                )
+            })
+            .collect(),
+    );
     println!(
-        "server: {} readings accepted, {} re-sends acknowledged, {} refused, {} logins",
+        "server: {} readings accepted, {} re-sends acknowledged, {refused} refused{refused_reasons}, \
+         {} logins, {logins_refused} refused{login_reasons}",
         metrics.readings_accepted.get(),
         metrics.readings_resent.get(),
-        refused,
         metrics.logins_accepted.get()
     );
 
