@@ -872,14 +872,15 @@ fn peer_ip(peer: &str) -> &str {
     }
 }
 
-/// Weight of a window unlike its class: 0.4 at the limit, growing with the distance beyond it
-/// to 0.7 at twice the limit. Two far-off windows (a stolen key feeding made-up vitals) are
-/// enough to cut a device off; borderline windows of a healthy patient need several in a row.
+/// Weight of a window unlike its class: 0.4 up to one and a half times the limit, then growing
+/// with the distance to 0.7 at three times the limit. Two far-off windows (a stolen key feeding
+/// made-up vitals) are enough to cut a device off; a healthy patient's unusual windows, which
+/// stay near the limit, need several in a row.
 fn fleet_model_weight(distance: f64, limit: f64) -> f64 {
     if limit <= 0.0 || !distance.is_finite() {
         return 0.4;
     }
-    0.4 + 0.3 * (distance / limit - 1.0).clamp(0.0, 1.0)
+    0.4 + 0.3 * ((distance / limit - 1.5) / 1.5).clamp(0.0, 1.0)
 }
 
 #[cfg(test)]
@@ -1007,13 +1008,14 @@ mod tests {
     #[test]
     fn far_off_windows_weigh_more_than_borderline_ones() {
         assert_eq!(fleet_model_weight(10.0, 10.0), 0.4);
-        assert!((fleet_model_weight(15.0, 10.0) - 0.55).abs() < 1e-9);
+        assert_eq!(fleet_model_weight(15.0, 10.0), 0.4);
+        assert!((fleet_model_weight(22.5, 10.0) - 0.55).abs() < 1e-9);
         assert_eq!(fleet_model_weight(50.0, 10.0), 0.7);
         assert_eq!(fleet_model_weight(f64::INFINITY, 10.0), 0.4);
         // Two far-off windows reach the default quarantine threshold (0.8); two borderline
         // ones do not.
         let combined = |w: f64| 1.0 - (1.0 - w) * (1.0 - w);
         assert!(combined(fleet_model_weight(30.0, 10.0)) >= 0.8);
-        assert!(combined(fleet_model_weight(11.0, 10.0)) < 0.8);
+        assert!(combined(fleet_model_weight(15.0, 10.0)) < 0.8);
     }
 }
