@@ -8,6 +8,8 @@ mod bad_input;
 mod contract;
 mod crash;
 mod detection;
+mod log_hygiene;
+mod metrics_token;
 mod pipeline;
 mod restart;
 mod roles;
