@@ -234,8 +234,9 @@ impl DeviceAdmin for AdminService {
         let request = request.into_inner();
         let role = Role::parse(&request.role).ok_or_else(|| {
             Status::invalid_argument(format!(
-                "unknown role {}; roles are analyst, soc and admin",
-                request.role.escape_default()
+                "unknown role {}; roles are {}",
+                request.role.escape_default(),
+                Role::names()
             ))
         })?;
         crate::tokens::check_name(&request.name)

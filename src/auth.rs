@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tonic::codegen::{Bytes, Service, http};
 
-use crate::metrics::GrpcMetrics;
+use crate::metrics::AccessMetrics;
 use crate::tokens::{TokenStore, secret_hash};
 
 const TOKEN_FILE: &str = "admin.token";
@@ -62,11 +62,14 @@ pub(crate) enum Role {
     Soc,
     /// Everything, including device enrollment and token management.
     Admin,
+    /// The Prometheus page `/metrics` on the HTTP port only (when it asks for a token): a
+    /// scraper's token that, if it leaks, reads no patient data and changes nothing.
+    Metrics,
 }
 
 impl Role {
     /// Every role, least privileged first.
-    pub(crate) const ALL: [Role; 3] = [Role::Analyst, Role::Soc, Role::Admin];
+    pub(crate) const ALL: [Role; 4] = [Role::Metrics, Role::Analyst, Role::Soc, Role::Admin];
 
     /// The role's name on the wire and on the command line.
     pub(crate) fn as_str(self) -> &'static str {
@@ -74,7 +77,14 @@ impl Role {
             Role::Analyst => "analyst",
             Role::Soc => "soc",
             Role::Admin => "admin",
+            Role::Metrics => "metrics",
         }
+    }
+
+    /// Every role's name, for messages: `metrics, analyst, soc, admin`.
+    pub(crate) fn names() -> String {
+        let names: Vec<&str> = Role::ALL.iter().map(|role| role.as_str()).collect();
+        names.join(", ")
     }
 
     /// The role named `name`, if any.
@@ -90,6 +100,34 @@ impl Role {
             Role::Admin => true,
             Role::Soc => flight_sql || SOC_METHODS.contains(&path),
             Role::Analyst => flight_sql,
+            Role::Metrics => false,
+        }
+    }
+
+    /// Whether this role may have `access`: `/metrics` is for `metrics` and `admin`.
+    pub(crate) fn may(self, access: Access<'_>) -> bool {
+        match access {
+            Access::Grpc(path) => self.may_call(path),
+            Access::Metrics => matches!(self, Role::Metrics | Role::Admin),
+        }
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access<'a> {
+    /// The gRPC method at this path (`/package.Service/Method`).
+    Grpc(&'a str),
+    /// The Prometheus page `/metrics` of the HTTP port.
+    Metrics,
+}
+
+impl Access<'_> {
+    /// What was asked for, for logs: the gRPC path or `/metrics`.
+    fn target(self) -> &'static str {
+        match self {
+            Access::Grpc(_) => "grpc",
+            Access::Metrics => "http /metrics",
         }
     }
 }
@@ -147,7 +185,7 @@ impl Caller {
 pub(crate) struct Authenticator {
     admin_hash: [u8; 32],
     tokens: Arc<TokenStore>,
-    metrics: Arc<GrpcMetrics>,
+    metrics: Arc<AccessMetrics>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -162,7 +200,7 @@ impl Authenticator {
     pub(crate) fn load_or_create(
         data_dir: &Path,
         tokens: Arc<TokenStore>,
-        metrics: Arc<GrpcMetrics>,
+        metrics: Arc<AccessMetrics>,
     ) -> anyhow::Result<Self> {
         let path = data_dir.join(TOKEN_FILE);
         if !path.exists() {
@@ -189,31 +227,48 @@ impl Authenticator {
         path: &str,
         headers: &http::HeaderMap,
     ) -> Result<Caller, Status> {
+        self.check(Access::Grpc(path), headers)
+            .map_err(|(failure, caller)| match failure {
+                AuthFailure::MissingToken => Status::unauthenticated("missing bearer token"),
+                AuthFailure::UnknownToken => Status::unauthenticated("unknown bearer token"),
+                AuthFailure::RevokedToken => Status::unauthenticated("revoked bearer token"),
+                AuthFailure::RoleDenied => Status::permission_denied(format!(
+                    "permission denied: role {} may not call {}",
+                    caller.map_or("", |caller| caller.role.as_str()),
+                    path.escape_default()
+                )),
+            })
+    }
+
+    /// Checks the bearer token in `headers` for `access`. A refusal is counted and logged
+    /// (with the token's id, never its secret) and names the caller when the token was valid.
+    pub(crate) fn check(
+        &self,
+        access: Access<'_>,
+        headers: &http::HeaderMap,
+    ) -> Result<Caller, (AuthFailure, Option<Caller>)> {
         let (failure, caller) = match self.identify(headers) {
-            Ok(caller) if caller.role.may_call(path) => return Ok(caller),
+            Ok(caller) if caller.role.may(access) => return Ok(caller),
             Ok(caller) => (AuthFailure::RoleDenied, Some(caller)),
             Err(failure) => (failure, None),
         };
 
-        self.metrics.auth_failure(failure);
+        self.metrics.auth_failure(access, failure);
         let token_id = caller.as_ref().map_or("", Caller::token_label);
         let role = caller.as_ref().map_or("", |caller| caller.role.as_str());
+        let path = match access {
+            Access::Grpc(path) => path,
+            Access::Metrics => "/metrics",
+        };
         tracing::info!(
             reason = failure.as_str(),
+            port = access.target(),
             path = ?path,
             token_id,
             role,
-            "grpc call refused"
+            "call refused"
         );
-        Err(match failure {
-            AuthFailure::MissingToken => Status::unauthenticated("missing bearer token"),
-            AuthFailure::UnknownToken => Status::unauthenticated("unknown bearer token"),
-            AuthFailure::RevokedToken => Status::unauthenticated("revoked bearer token"),
-            AuthFailure::RoleDenied => Status::permission_denied(format!(
-                "permission denied: role {role} may not call {}",
-                path.escape_default()
-            )),
-        })
+        Err((failure, caller))
     }
 
     /// Who holds the bearer token in `headers`.
@@ -449,7 +504,7 @@ mod tests {
 
     fn authenticator(dir: &Path) -> Authenticator {
         let tokens = Arc::new(TokenStore::open(dir).unwrap());
-        Authenticator::load_or_create(dir, tokens, Arc::new(GrpcMetrics::new())).unwrap()
+        Authenticator::load_or_create(dir, tokens, Arc::new(AccessMetrics::new())).unwrap()
     }
 
     #[test]
@@ -502,6 +557,18 @@ mod tests {
             assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         }
 
+        for role in Role::ALL {
+            let scrapes = matches!(role, Role::Metrics | Role::Admin);
+            assert_eq!(role.may(Access::Metrics), scrapes, "{role:?}");
+        }
+        let (_, scraper) = auth.tokens.create(Role::Metrics, "prometheus", 1).unwrap();
+        let denied = auth.authorize(query, &headers(&scraper)).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(auth.check(Access::Metrics, &headers(&scraper)).is_ok());
+        let (failure, caller) = auth.check(Access::Metrics, &headers(&soc)).unwrap_err();
+        assert_eq!(failure, AuthFailure::RoleDenied);
+        assert_eq!(caller.unwrap().role, Role::Soc);
+
         auth.tokens.revoke(&soc_record.id, 2).unwrap();
         let refused = auth.authorize(query, &headers(&soc)).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
@@ -539,6 +606,7 @@ mod tests {
             assert!(soc || admin_only.contains(&method.as_str()), "{method}");
             assert_eq!(Role::Soc.may_call(method), soc, "{method}");
             assert!(!Role::Analyst.may_call(method), "{method}");
+            assert!(!Role::Metrics.may_call(method), "{method}");
             assert!(Role::Admin.may_call(method), "{method}");
         }
     }

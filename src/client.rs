@@ -9,7 +9,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use vigil_proto::v1::device_admin_client::DeviceAdminClient;
 use vigil_proto::v1::soc_client::SocClient;
 use vigil_proto::v1::{
@@ -32,9 +32,34 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) async fn connect(server: &str, token: String) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(server.to_owned())
-            .with_context(|| format!("invalid server URL {server}"))?
+    /// Connects to `server`. An `https://` server is checked against the public web roots and,
+    /// when given, the PEM certificate(s) in `ca_cert` (a hospital's private CA, or the server's
+    /// own self-signed certificate).
+    pub(crate) async fn connect(
+        server: &str,
+        token: String,
+        ca_cert: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let mut endpoint = Channel::from_shared(server.to_owned())
+            .with_context(|| format!("invalid server URL {server}"))?;
+        if server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(path) = ca_cert {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read CA certificate {}", path.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .with_context(|| format!("cannot set up TLS for {server}"))?;
+        } else if let Some(path) = ca_cert {
+            bail!(
+                "a CA certificate ({}) is given but the server URL {server} is not https://",
+                path.display()
+            );
+        }
+
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach {server}"))?;

@@ -3,8 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::Deserialize;
 use vigil_detect::DetectConfig;
 use vigil_ingest::IngestConfig;
@@ -18,8 +19,19 @@ pub(crate) struct VigilConfig {
     pub(crate) data_dir: PathBuf,
     /// Address of the gRPC listener: device administration and Flight SQL.
     pub(crate) grpc_listen: SocketAddr,
+    /// PEM certificate chain for TLS on the gRPC port; with `grpc_tls_key_path`, the port
+    /// speaks only TLS and clients connect with `https://`.
+    pub(crate) grpc_tls_cert_path: Option<PathBuf>,
+    /// PEM private key of the gRPC certificate.
+    pub(crate) grpc_tls_key_path: Option<PathBuf>,
+    /// Accept plaintext gRPC on a non-loopback address. Off by default: bearer tokens and query
+    /// results would cross the network in the clear.
+    pub(crate) grpc_allow_plaintext: bool,
     /// Address of the HTTP listener: `/metrics` and `/healthz`.
     pub(crate) http_listen: SocketAddr,
+    /// Ask for `Authorization: Bearer <token>` of a `metrics` or `admin` token on `/metrics`;
+    /// `/healthz` stays open.
+    pub(crate) metrics_require_token: bool,
     /// Log format: `text` or `json`.
     pub(crate) log_format: String,
     /// The MQTT gateway and verifier.
@@ -64,7 +76,11 @@ impl Default for VigilConfig {
         Self {
             data_dir: PathBuf::from("./vigil-data"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            grpc_tls_cert_path: None,
+            grpc_tls_key_path: None,
+            grpc_allow_plaintext: false,
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            metrics_require_token: false,
             log_format: "text".to_owned(),
             ingest: IngestConfig::default(),
             store: StoreSettings::default(),
@@ -79,6 +95,24 @@ impl VigilConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The TLS configuration of the gRPC port, from its PEM files; `None` for plaintext, which
+    /// is refused on a non-loopback address unless `grpc_allow_plaintext` is set.
+    pub(crate) fn grpc_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        match (&self.grpc_tls_cert_path, &self.grpc_tls_key_path) {
+            (Some(cert), Some(key)) => crate::grpc_tls::server_config(cert, key).map(Some),
+            (None, None) if !self.grpc_listen.ip().is_loopback() && !self.grpc_allow_plaintext => {
+                bail!(
+                    "gRPC listener {} is not loopback and no TLS certificate is configured \
+                     (grpc_tls_cert_path, grpc_tls_key_path); set `grpc_allow_plaintext = true` \
+                     to send bearer tokens over the network in the clear",
+                    self.grpc_listen
+                )
+            }
+            (None, None) => Ok(None),
+            _ => bail!("grpc_tls_cert_path and grpc_tls_key_path go together"),
+        }
     }
 
     /// The store's configuration, with the data directory filled in.
@@ -104,6 +138,28 @@ mod tests {
         let config = VigilConfig::load(&path).unwrap();
         assert_eq!(config.ingest.mqtt_listen.port(), 1883);
         assert_eq!(config.grpc_listen.port(), 50051);
+    }
+
+    #[test]
+    fn grpc_tls_settings_are_checked() {
+        let config = |text: &str| toml::from_str::<VigilConfig>(text).unwrap();
+
+        assert!(config("").grpc_tls().unwrap().is_none());
+        let open = config("grpc_listen = \"0.0.0.0:50051\"").grpc_tls();
+        assert!(
+            open.unwrap_err()
+                .to_string()
+                .contains("grpc_allow_plaintext")
+        );
+        let allowed = "grpc_listen = \"0.0.0.0:50051\"\ngrpc_allow_plaintext = true";
+        assert!(config(allowed).grpc_tls().unwrap().is_none());
+
+        let half = config("grpc_tls_cert_path = \"/nonexistent/cert.pem\"").grpc_tls();
+        assert!(half.unwrap_err().to_string().contains("go together"));
+        let missing = "grpc_tls_cert_path = \"/nonexistent/cert.pem\"\n\
+                       grpc_tls_key_path = \"/nonexistent/key.pem\"";
+        let error = format!("{:#}", config(missing).grpc_tls().unwrap_err());
+        assert!(error.contains("/nonexistent/cert.pem"), "{error}");
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let token = std::fs::read_to_string(data_dir.join("admin.token"))
         .context("the server did not create its admin token")?;
-    let client = Client::connect(&format!("http://{}", server.grpc_address), token).await?;
+    let client = Client::connect(&format!("http://{}", server.grpc_address), token, None).await?;
     let fleet = generate_fleet(args.devices, 42);
     let enrolled = client
         .add_devices(parse_enrollment_csv(&enrollment_csv(&fleet))?)

@@ -132,7 +132,7 @@ pub(crate) async fn run(args: DrillArgs) -> anyhow::Result<DrillReport> {
     let server = RunningServer::start(&config).await?;
     let token = std::fs::read_to_string(scratch.path().join("admin.token"))
         .context("the server did not create its admin token")?;
-    let client = Client::connect(&format!("http://{}", server.grpc_address), token).await?;
+    let client = Client::connect(&format!("http://{}", server.grpc_address), token, None).await?;
 
     let mut fleet = generate_fleet(args.devices + 2 * Scenario::ALL.len(), 2026);
     let victims = pick_victims(&mut fleet);

@@ -9,11 +9,13 @@ mod client;
 mod config;
 mod demo;
 mod drill;
+mod grpc_tls;
 mod http;
 mod metrics;
 mod server;
 mod tokens;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -113,8 +115,8 @@ enum AlertsCommand {
 enum TokensCommand {
     /// Create a token; prints its secret on stdout, the only time it is shown.
     Create {
-        /// analyst (Flight SQL), soc (alerts, device quarantine and release, SQL) or admin
-        /// (everything).
+        /// metrics (the HTTP /metrics page only), analyst (Flight SQL), soc (alerts, device
+        /// quarantine and release, SQL) or admin (everything).
         #[arg(long)]
         role: String,
         /// A label for the token's holder, e.g. grafana.
@@ -156,9 +158,13 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct ConnectionArgs {
-    /// gRPC address of the server.
+    /// gRPC address of the server; `https://` when the server has a certificate.
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
     server: String,
+    /// PEM file of the CA (or self-signed certificate) to trust for an `https://` server, in
+    /// addition to the public web roots.
+    #[arg(long, global = true, env = "VIGIL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Bearer token.
     #[arg(long, global = true, env = "VIGIL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -170,7 +176,7 @@ struct ConnectionArgs {
 impl ConnectionArgs {
     async fn connect(&self) -> anyhow::Result<Client> {
         let token = auth::client_token(self.token.as_deref(), self.token_file.as_deref())?;
-        Client::connect(&self.server, token).await
+        Client::connect(&self.server, token, self.ca_cert.as_deref()).await
     }
 }
 
@@ -440,11 +446,13 @@ async fn alerts(connection: ConnectionArgs, command: AlertsCommand) -> anyhow::R
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colours only on a terminal: a log file or journald would keep the escape sequences.
     // A log that cannot be written (its disk is full, say) is lost silently: the default
     // report of a failed write goes to stderr through `eprintln!`, which panics when stderr
     // fails too, and would take down whichever thread logged (the log writer, a verifier).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
     if format == "json" {

@@ -34,7 +34,7 @@ use vigil_store::Store;
 use crate::admin::AdminService;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::VigilConfig;
-use crate::metrics::GrpcMetrics;
+use crate::metrics::AccessMetrics;
 use crate::tokens::TokenStore;
 
 /// Largest gRPC message accepted, in bytes (a bulk enrollment of many devices).
@@ -72,12 +72,12 @@ impl RunningServer {
             data_dir,
             ..config.clone()
         };
-        let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let access_metrics = Arc::new(AccessMetrics::new());
         let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
         let auth = Arc::new(Authenticator::load_or_create(
             &config.data_dir,
             tokens.clone(),
-            grpc_metrics.clone(),
+            access_metrics.clone(),
         )?);
 
         let store_config = config.store_config();
@@ -120,8 +120,9 @@ impl RunningServer {
         ingest.metrics.register(&mut metrics);
         store.register_metrics(&mut metrics);
         detector.metrics.register(&mut metrics);
-        grpc_metrics.register(&mut metrics);
+        access_metrics.register(&mut metrics);
 
+        let grpc_tls = config.grpc_tls()?;
         let (stop, stopped) = watch::channel(false);
         let grpc_listener = TcpListener::bind(config.grpc_listen)
             .await
@@ -132,14 +133,23 @@ impl RunningServer {
         let grpc_address = grpc_listener.local_addr()?;
         let http_address = http_listener.local_addr()?;
 
-        let grpc = tokio::spawn(serve_grpc(
-            grpc_listener,
+        let metrics_authenticator = config.metrics_require_token.then(|| auth.clone());
+        let grpc_services = GrpcServices {
             auth,
-            AdminService::new(ingest.clone(), detector.clone(), observations, tokens),
-            SocService::new(alerts),
-            store.clone(),
-            wait_for_stop(stopped.clone()),
-        ));
+            admin: AdminService::new(ingest.clone(), detector.clone(), observations, tokens),
+            soc: SocService::new(alerts),
+            store: store.clone(),
+        };
+        let grpc = match grpc_tls {
+            Some(tls) => {
+                let incoming = crate::grpc_tls::incoming(grpc_listener, tls, access_metrics);
+                tokio::spawn(grpc_services.serve(incoming, wait_for_stop(stopped.clone())))
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                tokio::spawn(grpc_services.serve(incoming, wait_for_stop(stopped.clone())))
+            }
+        };
         let retrain = tokio::spawn(retrain_fleet_model(
             store.clone(),
             detector.clone(),
@@ -147,13 +157,23 @@ impl RunningServer {
             wait_for_stop(stopped.clone()),
         ));
         let http = tokio::spawn(async move {
-            let served =
-                crate::http::serve(http_listener, Arc::new(metrics), wait_for_stop(stopped)).await;
+            let served = crate::http::serve(
+                http_listener,
+                Arc::new(metrics),
+                metrics_authenticator,
+                wait_for_stop(stopped),
+            )
+            .await;
             if let Err(error) = served {
                 tracing::error!(%error, "http listener failed");
             }
         });
-        tracing::info!(%grpc_address, %http_address, "grpc and http listeners started");
+        tracing::info!(
+            %grpc_address,
+            grpc_tls = config.grpc_tls_cert_path.is_some(),
+            %http_address,
+            "grpc and http listeners started"
+        );
 
         Ok(Self {
             mqtt_address: ingest.mqtt_address(),
@@ -186,28 +206,46 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-async fn serve_grpc(
-    listener: TcpListener,
+/// The services of the gRPC port.
+struct GrpcServices {
     auth: Arc<Authenticator>,
     admin: AdminService,
     soc: SocService,
     store: Store,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let admin = DeviceAdminServer::new(admin).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+}
 
-    // One layer in front of every service: each call's token and role are checked by its
-    // gRPC path before any service sees it.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let served = tonic::transport::Server::builder()
-        .layer(AuthLayer::new(auth))
-        .add_service(admin)
-        .add_service(SocServer::new(soc))
-        .add_service(vigil_store::flight_sql_service(store))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "grpc listener failed");
+impl GrpcServices {
+    /// Serves the connections of `incoming` (plain TCP, or TLS after its handshake) until
+    /// `shutdown` resolves.
+    async fn serve<S, IO, E>(
+        self,
+        incoming: S,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) where
+        S: futures::Stream<Item = Result<IO, E>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let admin =
+            DeviceAdminServer::new(self.admin).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+
+        // One layer in front of every service: each call's token and role are checked by its
+        // gRPC path before any service sees it.
+        let served = tonic::transport::Server::builder()
+            .layer(AuthLayer::new(self.auth))
+            .add_service(admin)
+            .add_service(SocServer::new(self.soc))
+            .add_service(vigil_store::flight_sql_service(self.store))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "grpc listener failed");
+        }
     }
 }
 

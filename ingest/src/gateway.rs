@@ -22,6 +22,7 @@ use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, v3, v5};
 use prost::Message;
 use tokio::sync::oneshot;
 use vigil_detect::{EventKind, ObservationSender};
+use vigil_proto::contract::MAX_DEVICE_ID_LEN;
 use vigil_proto::v1::Notice;
 use vigil_proto::{notices_topic, readings_topic};
 use vigil_store::Rejection;
@@ -158,19 +159,24 @@ impl GatewayContext {
                 tracing::debug!(reason = refusal.as_str(), %peer, "login refused");
                 // A throttled peer was counted already; telling the detector again would
                 // only let a flood cost it work.
+                // The client id is the attacker's text: kept as data, cut to a device id's
+                // longest length, with the length it had when that cut something off.
+                let claimed_id = truncate_chars(client_id, MAX_DEVICE_ID_LEN);
+                let detail = if claimed_id.len() < client_id.len() {
+                    format!("client id of {} bytes, truncated", client_id.len())
+                } else {
+                    String::new()
+                };
                 if refusal != LoginRefusal::Throttled {
-                    self.observations.security(
-                        &truncate_chars(client_id, 64),
-                        EventKind::LoginRefused,
-                        peer,
-                    );
+                    self.observations
+                        .security(&claimed_id, EventKind::LoginRefused, peer);
                 }
                 self.recorder.record(
                     Rejection {
-                        device_id: client_id.to_owned(),
+                        device_id: claimed_id,
                         received_at_ms: now_ms(),
                         reason: refusal.as_str().to_owned(),
-                        detail: String::new(),
+                        detail,
                         peer: peer.to_string(),
                     },
                     None,

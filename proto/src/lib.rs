@@ -6,6 +6,7 @@
 
 pub mod contract;
 pub mod keys;
+pub mod payload;
 
 /// Generated protobuf messages and tonic services of package `vigil.v1`.
 #[allow(missing_debug_implementations, unreachable_pub, clippy::all)]

@@ -74,55 +74,7 @@ impl Default for StoreConfig {
     }
 }
 
-/// A verified reading, one per MQTT message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AcceptedReading {
-    /// Device id.
-    pub device_id: Arc<str>,
-    /// Device sequence number.
-    pub seq: u64,
-    /// Device clock, Unix milliseconds.
-    pub sampled_at_ms: i64,
-    /// Server clock, Unix milliseconds (partitioning uses this, UTC).
-    pub received_at_ms: i64,
-    /// (metric, value); one row each in `readings`.
-    pub measurements: Vec<(String, f64)>,
-    /// Identifies the exact signed bytes (for re-send detection).
-    pub signature_digest: [u8; 16],
-}
-
-/// A refused message; `device_id` and `detail` come from attackers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
-    /// Claimed device id (untrusted).
-    pub device_id: String,
-    /// Server clock, Unix milliseconds.
-    pub received_at_ms: i64,
-    /// Why it was refused.
-    pub reason: String,
-    /// Detail (untrusted).
-    pub detail: String,
-    /// Peer address.
-    pub peer: String,
-}
-
-/// One entry submitted to the write-ahead log.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WalEntry {
-    /// An accepted reading.
-    Reading(AcceptedReading),
-    /// A rejection.
-    Rejection(Rejection),
-    /// Writes nothing; completes once every entry submitted before it is durable or failed.
-    Barrier,
-    /// An exact re-send of a reading believed stored: writes nothing; completes once every
-    /// entry submitted before it is handled, with `Ok` only if the reading is durable.
-    Resend {
-        device_id: Arc<str>,
-        seq: u64,
-        signature_digest: [u8; 16],
-    },
-}
+pub use vigil_wal_record::{AcceptedReading, Rejection, WalEntry};
 
 /// Fired once the entry is durable (or failed).
 pub type Completion = tokio::sync::oneshot::Sender<Result<(), StoreError>>;

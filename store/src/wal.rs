@@ -7,23 +7,10 @@
 //! opens a new segment numbered above every existing one (and above the last flushed segment
 //! recorded in the replay-guard snapshot), so an old tail is never written again.
 //!
-//! # Record format
+//! # Records
 //!
-//! ```text
-//! [len u32 LE][crc32 u32 LE][kind u8][payload ...]
-//!  len   = byte count of kind + payload
-//!  crc32 = CRC-32 (IEEE) of kind + payload
-//!  kind  = 1 reading, 2 rejection
-//! ```
-//!
-//! Payloads are hand-encoded; `varint` is unsigned LEB128, `str` is a varint byte length
-//! followed by UTF-8 bytes, fixed-width numbers are little-endian:
-//!
-//! ```text
-//! reading   = device_id:str seq:u64 sampled_at_ms:i64 received_at_ms:i64 digest:[u8;16]
-//!             count:varint (metric:str value:f64-bits)*count
-//! rejection = device_id:str received_at_ms:i64 reason:str detail:str peer:str
-//! ```
+//! The byte format of one record and its decoder live in the `vigil-wal-record` crate (small,
+//! so that it can be fuzzed without the SQL engine); a segment is records back to back.
 //!
 //! # Invariants
 //!
@@ -40,19 +27,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+pub(crate) use vigil_wal_record::encode_entry;
+use vigil_wal_record::parse_record;
+
+use crate::WalEntry;
 use crate::error::{Result, StoreError};
-use crate::{AcceptedReading, Rejection, WalEntry};
-
-/// Record kind of an accepted reading.
-pub(crate) const KIND_READING: u8 = 1;
-/// Record kind of a rejection.
-pub(crate) const KIND_REJECTION: u8 = 2;
-/// Bytes before the kind byte: len and crc.
-const HEADER_BYTES: usize = 8;
-/// Largest record replay accepts; anything longer is treated as a corrupt length field.
-const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Path of segment `number` in `wal_dir`.
 pub(crate) fn segment_path(wal_dir: &Path, number: u64) -> PathBuf {
@@ -85,205 +65,6 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::io("fsync directory", dir))
-}
-
-/// Appends one encoded record for `entry` to `buf`. A barrier encodes nothing.
-pub(crate) fn encode_entry(buf: &mut Vec<u8>, entry: &WalEntry) {
-    match entry {
-        WalEntry::Reading(reading) => {
-            encode_record(buf, KIND_READING, |b| encode_reading(b, reading))
-        }
-        WalEntry::Rejection(rejection) => {
-            encode_record(buf, KIND_REJECTION, |b| encode_rejection(b, rejection))
-        }
-        WalEntry::Barrier | WalEntry::Resend { .. } => {}
-    }
-}
-
-fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0u8; HEADER_BYTES]);
-    buf.push(kind);
-    payload(buf);
-
-    let body = &buf[start + HEADER_BYTES..];
-    let len = body.len() as u32;
-    let crc = crc32fast::hash(body);
-    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-}
-
-fn encode_reading(buf: &mut Vec<u8>, reading: &AcceptedReading) {
-    put_str(buf, &reading.device_id);
-    buf.extend_from_slice(&reading.seq.to_le_bytes());
-    buf.extend_from_slice(&reading.sampled_at_ms.to_le_bytes());
-    buf.extend_from_slice(&reading.received_at_ms.to_le_bytes());
-    buf.extend_from_slice(&reading.signature_digest);
-    put_varint(buf, reading.measurements.len() as u64);
-    for (metric, value) in &reading.measurements {
-        put_str(buf, metric);
-        buf.extend_from_slice(&value.to_bits().to_le_bytes());
-    }
-}
-
-fn encode_rejection(buf: &mut Vec<u8>, rejection: &Rejection) {
-    put_str(buf, &rejection.device_id);
-    buf.extend_from_slice(&rejection.received_at_ms.to_le_bytes());
-    put_str(buf, &rejection.reason);
-    put_str(buf, &rejection.detail);
-    put_str(buf, &rejection.peer);
-}
-
-fn put_varint(buf: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        buf.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    buf.push(value as u8);
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    put_varint(buf, s.len() as u64);
-    buf.extend_from_slice(s.as_bytes());
-}
-
-/// Reads the fields of one payload; every failure is a short description for the error.
-struct Decoder<'a> {
-    bytes: &'a [u8],
-    position: usize,
-}
-
-impl<'a> Decoder<'a> {
-    fn take(&mut self, count: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .position
-            .checked_add(count)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| format!("field of {count} bytes runs past the record"))?;
-        let slice = &self.bytes[self.position..end];
-        self.position = end;
-        Ok(slice)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn i64(&mut self) -> Result<i64, String> {
-        Ok(i64::from_le_bytes(self.array()?))
-    }
-
-    fn varint(&mut self) -> Result<u64, String> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.take(1)?[0];
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err("varint longer than 10 bytes".to_owned())
-    }
-
-    fn str(&mut self) -> Result<&'a str, String> {
-        let len = usize::try_from(self.varint()?).map_err(|e| e.to_string())?;
-        std::str::from_utf8(self.take(len)?).map_err(|e| format!("string is not UTF-8: {e}"))
-    }
-
-    fn finish(&self) -> Result<(), String> {
-        if self.position == self.bytes.len() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} trailing bytes",
-                self.bytes.len() - self.position
-            ))
-        }
-    }
-}
-
-/// Decodes a record body (kind + payload) whose crc has been checked.
-fn decode_body(body: &[u8]) -> Result<WalEntry, String> {
-    let (&kind, payload) = body.split_first().ok_or("empty record")?;
-    let mut decoder = Decoder {
-        bytes: payload,
-        position: 0,
-    };
-    let entry = match kind {
-        KIND_READING => {
-            let device_id: Arc<str> = Arc::from(decoder.str()?);
-            let seq = decoder.u64()?;
-            let sampled_at_ms = decoder.i64()?;
-            let received_at_ms = decoder.i64()?;
-            let signature_digest = decoder.array::<16>()?;
-            let count = decoder.varint()?;
-            // Each measurement takes at least 9 bytes: bound the allocation by the record.
-            if count > (payload.len() / 9) as u64 {
-                return Err(format!("measurement count {count} exceeds the record"));
-            }
-            let mut measurements = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                let metric = decoder.str()?.to_owned();
-                let value = f64::from_bits(decoder.u64()?);
-                measurements.push((metric, value));
-            }
-            WalEntry::Reading(AcceptedReading {
-                device_id,
-                seq,
-                sampled_at_ms,
-                received_at_ms,
-                measurements,
-                signature_digest,
-            })
-        }
-        KIND_REJECTION => WalEntry::Rejection(Rejection {
-            device_id: decoder.str()?.to_owned(),
-            received_at_ms: decoder.i64()?,
-            reason: decoder.str()?.to_owned(),
-            detail: decoder.str()?.to_owned(),
-            peer: decoder.str()?.to_owned(),
-        }),
-        other => return Err(format!("unknown record kind {other}")),
-    };
-    decoder.finish()?;
-    Ok(entry)
-}
-
-/// Parses the record at the start of `bytes`: the entry and the record's total length.
-fn parse_record(bytes: &[u8]) -> Result<(WalEntry, usize), String> {
-    if bytes.len() < HEADER_BYTES {
-        return Err(format!(
-            "{} bytes left, shorter than a record header",
-            bytes.len()
-        ));
-    }
-    let mut len_bytes = [0u8; 4];
-    len_bytes.copy_from_slice(&bytes[0..4]);
-    let mut crc_bytes = [0u8; 4];
-    crc_bytes.copy_from_slice(&bytes[4..8]);
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    let crc = u32::from_le_bytes(crc_bytes);
-
-    if len == 0 || len > MAX_RECORD_BYTES {
-        return Err(format!("implausible record length {len}"));
-    }
-    let Some(body) = bytes.get(HEADER_BYTES..HEADER_BYTES + len) else {
-        return Err(format!("record of {len} bytes cut short"));
-    };
-    let actual = crc32fast::hash(body);
-    if actual != crc {
-        return Err(format!(
-            "crc mismatch (stored {crc:#010x}, computed {actual:#010x})"
-        ));
-    }
-    let entry = decode_body(body)?;
-    Ok((entry, HEADER_BYTES + len))
 }
 
 /// What replay found.
@@ -434,7 +215,10 @@ impl SegmentWriter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::{AcceptedReading, Rejection};
 
     fn reading(seq: u64) -> WalEntry {
         WalEntry::Reading(AcceptedReading {
@@ -493,20 +277,6 @@ mod tests {
     }
 
     #[test]
-    fn varint_round_trip() {
-        for value in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
-            let mut buf = Vec::new();
-            put_varint(&mut buf, value);
-            let mut decoder = Decoder {
-                bytes: &buf,
-                position: 0,
-            };
-            assert_eq!(decoder.varint(), Ok(value));
-            assert!(decoder.finish().is_ok());
-        }
-    }
-
-    #[test]
     fn torn_tail_of_last_segment_is_truncated() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_segment(dir.path(), 1, &[reading(1)]);
@@ -558,21 +328,5 @@ mod tests {
             }
             other => panic!("unexpected error {other}"),
         }
-    }
-
-    #[test]
-    fn lengths_that_lie_are_rejected_without_allocating() {
-        let mut buf = Vec::new();
-        encode_entry(&mut buf, &reading(1));
-        // A huge length field.
-        buf[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_record(&buf).is_err());
-        // Truncated everywhere: never panics.
-        let mut good = Vec::new();
-        encode_entry(&mut good, &rejection());
-        for cut in 0..good.len() {
-            assert!(parse_record(&good[..cut]).is_err());
-        }
-        assert!(parse_record(&good).is_ok());
     }
 }

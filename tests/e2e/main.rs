@@ -9,6 +9,8 @@ mod contract;
 mod crash;
 mod detection;
 mod floods;
+mod log_hygiene;
+mod metrics_token;
 mod overload;
 mod pipeline;
 mod restart;

@@ -33,6 +33,11 @@ pub struct Server {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub token: String,
+    /// The certificate client commands trust when the gRPC port speaks TLS; `None` for
+    /// plaintext gRPC.
+    pub grpc_ca: Option<PathBuf>,
+    /// `RUST_LOG` of the server process.
+    pub log_filter: String,
     extra_args: Vec<String>,
     /// Where the server runs and what `--data-dir` says, when the directory is given relative
     /// to it.
@@ -76,35 +81,68 @@ impl Server {
 
     /// Starts with extra `vigil run` arguments (e.g. a config file).
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
-        let mut server = Server {
+        let mut server = Self::unstarted(data_dir, extra_args);
+        server.spawn();
+        server
+    }
+
+    /// A server on free ports, not yet spawned.
+    fn unstarted(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Server {
             child: None,
             data_dir: data_dir.to_owned(),
             mqtt: free_port(),
             grpc: free_port(),
             http: free_port(),
             token: String::new(),
+            grpc_ca: None,
+            log_filter: "info".to_owned(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             relative: None,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// Starts in `working_dir` with `--data-dir` relative to it, as an operator would with the
     /// example config.
     pub fn start_in(working_dir: &Path, relative_data_dir: &Path, extra_args: &[&str]) -> Self {
-        let mut server = Server {
-            child: None,
-            data_dir: working_dir.join(relative_data_dir),
-            mqtt: free_port(),
-            grpc: free_port(),
-            http: free_port(),
-            token: String::new(),
-            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
-            relative: Some((working_dir.to_owned(), relative_data_dir.to_owned())),
-        };
+        let mut server = Self::unstarted(&working_dir.join(relative_data_dir), extra_args);
+        server.relative = Some((working_dir.to_owned(), relative_data_dir.to_owned()));
         server.spawn();
         server
+    }
+
+    /// Starts with `RUST_LOG` set to `log_filter` and extra `vigil run` arguments.
+    pub fn start_logging(data_dir: &Path, log_filter: &str, extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted(data_dir, extra_args);
+        server.log_filter = log_filter.to_owned();
+        server.spawn();
+        server
+    }
+
+    /// Starts with TLS on the gRPC port, from the certificate and key in `tls`; client
+    /// commands then use `https://localhost:<port>` and trust that certificate.
+    pub fn start_with_grpc_tls(data_dir: &Path, tls: &SelfSignedCert) -> Self {
+        let config = data_dir.with_extension("grpc-tls.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_tls_cert_path = {:?}\ngrpc_tls_key_path = {:?}\n",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string()
+            ),
+        )
+        .unwrap();
+        let mut server = Self::start_with(data_dir, &["--config", config.to_str().unwrap()]);
+        server.grpc_ca = Some(tls.cert.clone());
+        server
+    }
+
+    /// The URL client commands use for the gRPC port.
+    pub fn grpc_url(&self) -> String {
+        match self.grpc_ca {
+            Some(_) => format!("https://localhost:{}", self.grpc.port()),
+            None => format!("http://{}", self.grpc),
+        }
     }
 
     fn spawn(&mut self) {
@@ -130,7 +168,7 @@ impl Server {
             .arg("--http-listen")
             .arg(self.http.to_string())
             .args(&self.extra_args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.log_filter)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -176,6 +214,11 @@ impl Server {
     pub fn restart(&mut self) {
         self.kill_9();
         self.spawn();
+    }
+
+    /// Everything the server process wrote to its log (stderr) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap()
     }
 
     pub fn metrics(&self) -> String {
@@ -226,28 +269,29 @@ impl Server {
     /// Starts a client command with `token` in `VIGIL_TOKEN`, its stdout and stderr piped, for
     /// commands that run until stopped (`alerts tail`).
     pub fn spawn_cli_as(&self, token: &str, args: &[&str]) -> Child {
-        Command::new(BIN)
+        self.cli_command(token, args).spawn().unwrap()
+    }
+
+    /// A client command against this server's gRPC port, with `token` in `VIGIL_TOKEN`.
+    fn cli_command(&self, token: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .arg("--server")
-            .arg(format!("http://{}", self.grpc))
+            .arg(self.grpc_url())
             .env("VIGIL_TOKEN", token)
+            .env_remove("VIGIL_CA_CERT")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        if let Some(ca) = &self.grpc_ca {
+            command.arg("--ca-cert").arg(ca);
+        }
+        command
     }
 
     /// Runs a client command, killing it if it has not ended within 60 s.
     fn run_cli(&self, token: &str, args: &[&str]) -> std::process::Output {
-        let child = Command::new(BIN)
-            .args(args)
-            .arg("--server")
-            .arg(format!("http://{}", self.grpc))
-            .env("VIGIL_TOKEN", token)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = self.cli_command(token, args).spawn().unwrap();
         let pid = child.id();
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || sender.send(child.wait_with_output()));
@@ -314,6 +358,37 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill_9();
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made by openssl, and its key.
+pub struct SelfSignedCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl SelfSignedCert {
+    /// Writes `cert.pem` and `key.pem` (P-256) into `dir`.
+    pub fn generate(dir: &Path) -> Self {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let generated = Command::new("openssl")
+            .args(["req", "-x509", "-nodes", "-newkey", "ec"])
+            .args(["-pkeyopt", "ec_paramgen_curve:P-256"])
+            .args(["-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            generated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+        Self { cert, key }
     }
 }
 
@@ -528,41 +603,10 @@ impl V5Device {
     }
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1 (openssl, which the test set-up
-/// installs); returns the certificate and key paths.
-pub fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let generated = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-nodes",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
-    );
-    (cert, key)
-}
-
 /// A server with MQTT over TLS on a port of its own; returns it, the TLS address and the
 /// certificate a client trusts.
 pub fn tls_server(dir: &Path) -> (Server, SocketAddr, PathBuf) {
-    let (cert, key) = self_signed_certificate(dir);
+    let SelfSignedCert { cert, key } = SelfSignedCert::generate(dir);
     let tls_address = free_port();
     let config = dir.join("vigil-tls.toml");
     std::fs::write(
