@@ -377,6 +377,10 @@ impl SelfSignedCert {
             .args(["-pkeyopt", "ec_paramgen_curve:P-256"])
             .args(["-days", "1", "-subj", "/CN=localhost"])
             .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            // A server certificate, not a CA: webpki refuses a CA used as an end entity.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "keyUsage=critical,digitalSignature"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
