@@ -88,7 +88,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Appends one encoded record for `entry` to `buf`. A barrier encodes nothing.
-pub(crate) fn encode_entry(buf: &mut Vec<u8>, entry: &WalEntry) {
+pub fn encode_entry(buf: &mut Vec<u8>, entry: &WalEntry) {
     match entry {
         WalEntry::Reading(reading) => {
             encode_record(buf, KIND_READING, |b| encode_reading(b, reading))
@@ -356,7 +356,7 @@ fn truncate_segment(path: &Path, length: u64) -> Result<()> {
 
 /// The segment being appended to. Owned by the writer thread only.
 #[derive(Debug)]
-pub(crate) struct SegmentWriter {
+pub struct SegmentWriter {
     wal_dir: PathBuf,
     number: u64,
     path: PathBuf,
@@ -366,7 +366,7 @@ pub(crate) struct SegmentWriter {
 
 impl SegmentWriter {
     /// Creates segment `number` (which must not exist) and makes its directory entry durable.
-    pub(crate) fn create(wal_dir: &Path, number: u64) -> Result<Self> {
+    pub fn create(wal_dir: &Path, number: u64) -> Result<Self> {
         let path = segment_path(wal_dir, number);
         let file = OpenOptions::new()
             .write(true)
@@ -395,7 +395,7 @@ impl SegmentWriter {
     ///
     /// On failure the segment is cut back to its previous length (best effort), so that a
     /// later group never follows a partial one.
-    pub(crate) fn append_durably(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn append_durably(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let result = self
             .file
             .write_all(bytes)
