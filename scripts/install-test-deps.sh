@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond crates: Debian's mosquitto-clients (mosquitto_pub), used
-# by end-to-end tests as an independent MQTT client, and openssl, which makes the TLS test's
-# certificate. Does nothing when both are present.
+# by end-to-end tests as an independent MQTT client, openssl, which makes the TLS test's
+# certificate, and the mosquitto broker, which the load test compares vigil with. Does nothing
+# when all are present.
 set -euo pipefail
 
-if command -v mosquitto_pub >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
+if command -v mosquitto_pub >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
+    && [ -x /usr/sbin/mosquitto ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -14,4 +16,4 @@ else
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq mosquitto-clients openssl >/dev/null
+$SUDO apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
