@@ -40,7 +40,7 @@ fn signed_readings(count: usize) -> (Vec<Vec<u8>>, Vec<Signature>, Vec<Verifying
 
 fn verification(c: &mut Criterion) {
     let mut group = c.benchmark_group("verify_readings");
-    for size in [1usize, 64, 256, 1024] {
+    for size in [1usize, 4, 16, 64, 256, 1024] {
         let (messages, signatures, keys) = signed_readings(size);
         let slices: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
         group.throughput(Throughput::Elements(size as u64));
@@ -72,5 +72,9 @@ fn login_token(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, verification, login_token);
+criterion_group! {
+    name = benches;
+    config = vigil_benches::short_criterion();
+    targets = verification, login_token
+}
 criterion_main!(benches);

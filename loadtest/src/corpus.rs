@@ -4,8 +4,23 @@
 //! a payload handed to the MQTT client is a cheap slice of that buffer (no copy, no allocation
 //! per reading). Seqs run from 1 to the schedule's count; `sampled_at_ms` of seq `k` is the run
 //! start plus the schedule's offset of `k`, so that the signed time equals the planned send time.
+//!
+//! A signed corpus can be kept on disk and used again by a later run with the same fleet and
+//! schedules ([`save_corpus`], [`load_corpus`]). Its `sampled_at_ms` then lags the send time by
+//! the corpus's age: a server refuses such readings once that age exceeds its clock-skew bound.
+//!
+//! File format (all integers little-endian):
+//!
+//! ```text
+//! "vigil-corpus-v1\n" start_unix_ms:i64 devices:u32
+//! per device: readings:u32 (end:u32)*readings buffer_len:u32 buffer:[u8]
+//! ```
 
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use bytes::Bytes;
 use prost::Message;
@@ -101,6 +116,97 @@ impl PresignedReadings {
     pub fn payload_bytes(&self) -> usize {
         self.buffer.len()
     }
+}
+
+const CORPUS_MAGIC: &[u8] = b"vigil-corpus-v1\n";
+
+/// Writes a signed corpus to `path` (through a temporary file, so that a reader never sees half
+/// a corpus).
+///
+/// # Errors
+///
+/// The file cannot be written, or a device's payloads exceed 4 GiB.
+pub fn save_corpus(
+    path: &Path,
+    start_unix_ms: i64,
+    corpus: &[PresignedReadings],
+) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let partial = path.with_extension("partial");
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let mut out = BufWriter::new(file);
+    let u32_of = |value: usize| {
+        u32::try_from(value).context("a device's corpus is larger than the file format allows")
+    };
+
+    out.write_all(CORPUS_MAGIC)?;
+    out.write_all(&start_unix_ms.to_le_bytes())?;
+    out.write_all(&u32_of(corpus.len())?.to_le_bytes())?;
+    for readings in corpus {
+        out.write_all(&u32_of(readings.ends.len())?.to_le_bytes())?;
+        for end in &readings.ends {
+            out.write_all(&u32_of(*end)?.to_le_bytes())?;
+        }
+        out.write_all(&u32_of(readings.buffer.len())?.to_le_bytes())?;
+        out.write_all(&readings.buffer)?;
+    }
+    out.into_inner()
+        .map_err(|error| error.into_error())
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a corpus written by [`save_corpus`]: its start time and each device's readings.
+///
+/// # Errors
+///
+/// The file cannot be read or is not a corpus (truncated, another format).
+pub fn load_corpus(path: &Path) -> anyhow::Result<(i64, Vec<PresignedReadings>)> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut input = BufReader::new(file);
+    let corrupt = || format!("{} is not a complete signed corpus", path.display());
+
+    let mut magic = [0u8; CORPUS_MAGIC.len()];
+    input.read_exact(&mut magic).with_context(corrupt)?;
+    anyhow::ensure!(magic == CORPUS_MAGIC, corrupt());
+    let start_unix_ms = i64::from_le_bytes(read_array(&mut input).with_context(corrupt)?);
+    let devices = read_u32(&mut input).with_context(corrupt)?;
+
+    let mut corpus = Vec::with_capacity(devices);
+    for _ in 0..devices {
+        let count = read_u32(&mut input).with_context(corrupt)?;
+        let ends = (0..count)
+            .map(|_| read_u32(&mut input))
+            .collect::<std::io::Result<Vec<usize>>>()
+            .with_context(corrupt)?;
+        let mut buffer = vec![0u8; read_u32(&mut input).with_context(corrupt)?];
+        input.read_exact(&mut buffer).with_context(corrupt)?;
+        let ordered = ends.windows(2).all(|pair| pair[0] <= pair[1]);
+        anyhow::ensure!(
+            ordered && ends.last().is_none_or(|last| *last == buffer.len()),
+            corrupt()
+        );
+        corpus.push(PresignedReadings {
+            buffer: Bytes::from(buffer),
+            ends,
+        });
+    }
+    Ok((start_unix_ms, corpus))
+}
+
+fn read_array<const N: usize>(input: &mut impl Read) -> std::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_u32(input: &mut impl Read) -> std::io::Result<usize> {
+    Ok(u32::from_le_bytes(read_array(input)?) as usize)
 }
 
 /// Signs the readings of every device, spreading devices over all cores.
@@ -205,6 +311,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_saved_corpus_reads_back_byte_for_byte() {
+        let devices = generate_fleet(3, 8);
+        let schedules: Vec<DeviceSchedule> = (1..=3)
+            .map(|count| DeviceSchedule {
+                connect_offset: Duration::ZERO,
+                first_offset: Duration::ZERO,
+                interval: Duration::from_millis(100),
+                count,
+            })
+            .collect();
+        let corpus = presign_fleet(&devices, &schedules, 1_700_000_000_000).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.corpus");
+
+        save_corpus(&path, 1_700_000_000_000, &corpus).unwrap();
+        let (start, loaded) = load_corpus(&path).unwrap();
+        assert_eq!(start, 1_700_000_000_000);
+        assert_eq!(loaded.len(), 3);
+        for (original, again) in corpus.iter().zip(&loaded) {
+            assert_eq!(original.len(), again.len());
+            for seq in 1..=original.len() {
+                assert_eq!(original.payload(seq), again.payload(seq));
+            }
+        }
+
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let error = load_corpus(&path).unwrap_err().to_string();
+        assert!(error.contains("not a complete signed corpus"), "{error}");
     }
 
     #[test]

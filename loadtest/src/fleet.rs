@@ -197,16 +197,55 @@ pub async fn run_fleet(devices: &[SimDevice], config: &FleetConfig) -> anyhow::R
     let start_unix_ms = unix_ms(SystemTime::now() + signing_budget);
 
     let signing_started = Instant::now();
-    let presigned = {
-        let devices = devices.to_vec();
-        let schedules = schedules.clone();
-        tokio::task::spawn_blocking(move || presign_fleet(&devices, &schedules, start_unix_ms))
-            .await
-            .context("pre-signing task failed")??
-    };
+    let presigned = presign_in_background(devices, &schedules, start_unix_ms).await?;
     let presign_s = signing_started.elapsed().as_secs_f64();
 
     let run_start = wait_for_start(planned_start).await;
+    run_presigned(devices, config, presigned, run_start, presign_s).await
+}
+
+/// [`presign_fleet`] on the blocking thread pool, so that the runtime keeps serving.
+///
+/// # Errors
+///
+/// As [`presign_fleet`], or the signing task panicked.
+pub async fn presign_in_background(
+    devices: &[SimDevice],
+    schedules: &[DeviceSchedule],
+    start_unix_ms: i64,
+) -> anyhow::Result<Vec<PresignedReadings>> {
+    let devices = devices.to_vec();
+    let schedules = schedules.to_vec();
+    tokio::task::spawn_blocking(move || presign_fleet(&devices, &schedules, start_unix_ms))
+        .await
+        .context("pre-signing task failed")?
+}
+
+/// Runs the fleet with readings signed beforehand for the schedules of [`plan_schedules`]
+/// (`presigned[i]` belongs to `devices[i]`), starting at `run_start`.
+///
+/// # Errors
+///
+/// A setting is out of range, the corpus does not fit the fleet, or a device task panics.
+pub async fn run_presigned(
+    devices: &[SimDevice],
+    config: &FleetConfig,
+    presigned: Vec<PresignedReadings>,
+    run_start: Instant,
+    presign_s: f64,
+) -> anyhow::Result<FleetReport> {
+    config.validate()?;
+    let schedules = plan_schedules(devices, config);
+    let fits = presigned.len() == devices.len()
+        && presigned
+            .iter()
+            .zip(&schedules)
+            .all(|(readings, schedule)| readings.len() == schedule.count);
+    if !fits {
+        bail!("the signed corpus was made for another fleet or schedule; sign it again");
+    }
+    let total_readings = schedules.iter().map(|schedule| schedule.count).sum();
+
     let stats = Arc::new(FleetStats::new()?);
     let progress = config
         .progress
@@ -231,9 +270,11 @@ pub async fn run_fleet(devices: &[SimDevice], config: &FleetConfig) -> anyhow::R
     }
 
     let mut per_device_last_acked_seq = BTreeMap::new();
+    let mut acked_seqs = BTreeMap::new();
     while let Some(outcome) = tasks.join_next().await {
         let outcome = outcome.context("a device task panicked")?;
-        per_device_last_acked_seq.insert(outcome.device_id, outcome.highest_acked_seq);
+        per_device_last_acked_seq.insert(outcome.device_id.clone(), outcome.highest_acked_seq);
+        acked_seqs.insert(outcome.device_id, outcome.acked_seqs);
     }
     let duration_s = run_start.elapsed().as_secs_f64();
     if let Some(progress) = progress {
@@ -247,6 +288,7 @@ pub async fn run_fleet(devices: &[SimDevice], config: &FleetConfig) -> anyhow::R
         duration_s,
         presign_s,
         per_device_last_acked_seq,
+        acked_seqs,
     ))
 }
 
@@ -272,7 +314,7 @@ fn estimate_signing_time(sample_device: Option<&SimDevice>, total_readings: u64)
 }
 
 /// Sleeps until the planned start; when signing overran it, starts now and says so.
-async fn wait_for_start(planned_start: Instant) -> Instant {
+pub(crate) async fn wait_for_start(planned_start: Instant) -> Instant {
     let now = Instant::now();
     if now <= planned_start {
         tokio::time::sleep_until(planned_start.into()).await;

@@ -11,13 +11,22 @@
 //! - [`corpus`]: readings generated and signed ahead of the run.
 //! - [`report`]: the run's report.
 //! - [`attacks`]: attack scenarios with their ground truth, for the detection report.
+//! - [`targets`], [`usage`], [`sql`], [`measure`]: the servers a load test starts, their CPU
+//!   time and memory, checks of what vigil stored, and measured runs.
+//! - [`server_run`] and [`compare`]: the `vigil-loadtest run` and `compare` commands.
 
 pub mod attacks;
+pub mod compare;
 pub mod corpus;
 pub mod fleet;
+pub mod measure;
 pub mod profiles;
 pub mod report;
+pub mod server_run;
 mod session;
+pub mod sql;
+pub mod targets;
+pub mod usage;
 
 pub use corpus::{DeviceSchedule, PresignedReadings, presign_fleet};
 pub use fleet::{

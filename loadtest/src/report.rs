@@ -54,6 +54,9 @@ pub struct FleetReport {
     /// Highest acknowledged seq of each device (0 when none was acknowledged), to check
     /// against `SELECT device_id, max(seq) FROM readings GROUP BY device_id`.
     pub per_device_last_acked_seq: BTreeMap<String, u64>,
+    /// Every acknowledged seq of each device, to check against what the server stored.
+    #[serde(skip)]
+    pub acked_seqs: BTreeMap<String, Vec<u64>>,
 }
 
 /// Percentiles of one latency distribution, in milliseconds.
@@ -230,6 +233,7 @@ impl FleetStats {
         duration_s: f64,
         presign_s: f64,
         per_device_last_acked_seq: BTreeMap<String, u64>,
+        acked_seqs: BTreeMap<String, Vec<u64>>,
     ) -> FleetReport {
         let acked = self.acked.load(Ordering::Relaxed);
         let latencies = self.latencies();
@@ -254,6 +258,7 @@ impl FleetStats {
             latency_from_send_ms: LatencySummary::of(&latencies.from_send),
             latency_from_schedule_ms: LatencySummary::of(&latencies.from_schedule),
             per_device_last_acked_seq,
+            acked_seqs,
         }
     }
 }
@@ -328,7 +333,7 @@ mod tests {
         }
         stats.count_connect_failure(true);
 
-        let report = stats.report(3, 1200, 2.0, 0.5, BTreeMap::new());
+        let report = stats.report(3, 1200, 2.0, 0.5, BTreeMap::new(), BTreeMap::new());
         assert_eq!(report.connected, 2);
         assert_eq!(
             (report.published, report.acked, report.not_acked),

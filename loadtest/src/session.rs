@@ -82,6 +82,8 @@ impl DeviceRun {
 pub(crate) struct DeviceOutcome {
     pub(crate) device_id: String,
     pub(crate) highest_acked_seq: u64,
+    /// Every acknowledged seq, in the order the PUBACKs came.
+    pub(crate) acked_seqs: Vec<u64>,
 }
 
 /// Drives one device from its connect slot until every reading is acknowledged or the drain
@@ -121,10 +123,11 @@ pub(crate) async fn run_device(
     }
     session.disconnect(&client, &mut eventloop).await;
 
-    let highest_acked_seq = session.tracker().highest_acked;
+    let mut tracker = session.tracker();
     DeviceOutcome {
         device_id: run.device_id.clone(),
-        highest_acked_seq,
+        highest_acked_seq: tracker.highest_acked,
+        acked_seqs: std::mem::take(&mut tracker.acked_seqs),
     }
 }
 
@@ -371,6 +374,7 @@ struct Tracker {
     highest_published: u64,
     highest_acked: u64,
     acked: u64,
+    acked_seqs: Vec<u64>,
 }
 
 impl Tracker {
@@ -387,6 +391,7 @@ impl Tracker {
             highest_published: 0,
             highest_acked: 0,
             acked: 0,
+            acked_seqs: Vec::new(),
         }
     }
 
@@ -442,6 +447,7 @@ impl Tracker {
         self.in_flight_len -= 1;
         self.acked += 1;
         self.highest_acked = self.highest_acked.max(acked.seq);
+        self.acked_seqs.push(acked.seq);
         Some(acked)
     }
 

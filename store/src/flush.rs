@@ -199,6 +199,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// How every Parquet file of the store is encoded: zstd at its default level.
+pub fn parquet_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build()
+}
+
 /// Writes `batch` to `dir/name` atomically and durably.
 fn write_parquet(dir: &Path, name: &str, batch: &RecordBatch) -> Result<ParquetFile> {
     std::fs::create_dir_all(dir).map_err(StoreError::io("create partition directory", dir))?;
@@ -206,9 +213,7 @@ fn write_parquet(dir: &Path, name: &str, batch: &RecordBatch) -> Result<ParquetF
     let tmp = dir.join(format!("{name}.tmp"));
 
     let file = std::fs::File::create(&tmp).map_err(StoreError::io("create parquet file", &tmp))?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
+    let properties = parquet_properties();
     let parquet_error = |source| StoreError::Parquet {
         path: tmp.clone(),
         source,

@@ -27,13 +27,15 @@ mod flush;
 mod guard;
 mod metrics;
 mod tables;
-mod wal;
+pub mod wal;
 #[cfg(test)]
 mod wal_model;
 mod writer;
 
 pub use error::{Result, StoreError};
 pub use flight::flight_sql_service;
+pub use flush::parquet_properties;
+pub use tables::readings_batch;
 
 use guard::{GuardState, Snapshot};
 use metrics::Metrics;

@@ -146,8 +146,8 @@ pub(crate) fn truncate_chars(text: &mut String, max_chars: usize) {
     }
 }
 
-/// One row per measurement.
-pub(crate) fn readings_batch<'a>(
+/// The rows of `readings` for these readings, one per measurement, as the hot tier holds them.
+pub fn readings_batch<'a>(
     readings: impl IntoIterator<Item = &'a AcceptedReading>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let mut device_id = StringBuilder::new();

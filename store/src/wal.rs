@@ -28,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-pub(crate) use vigil_wal_record::encode_entry;
+pub use vigil_wal_record::encode_entry;
 use vigil_wal_record::parse_record;
 
 use crate::WalEntry;
@@ -137,7 +137,7 @@ fn truncate_segment(path: &Path, length: u64) -> Result<()> {
 
 /// The segment being appended to. Owned by the writer thread only.
 #[derive(Debug)]
-pub(crate) struct SegmentWriter {
+pub struct SegmentWriter {
     wal_dir: PathBuf,
     number: u64,
     path: PathBuf,
@@ -147,7 +147,7 @@ pub(crate) struct SegmentWriter {
 
 impl SegmentWriter {
     /// Creates segment `number` (which must not exist) and makes its directory entry durable.
-    pub(crate) fn create(wal_dir: &Path, number: u64) -> Result<Self> {
+    pub fn create(wal_dir: &Path, number: u64) -> Result<Self> {
         let path = segment_path(wal_dir, number);
         let file = OpenOptions::new()
             .write(true)
@@ -176,7 +176,7 @@ impl SegmentWriter {
     ///
     /// On failure the segment is cut back to its previous length (best effort), so that a
     /// later group never follows a partial one.
-    pub(crate) fn append_durably(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn append_durably(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let result = self
             .file
             .write_all(bytes)
