@@ -331,7 +331,8 @@ impl Drop for Server {
     }
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, made by openssl, and its key.
+/// A self-signed server certificate for `localhost` and 127.0.0.1, made by openssl, and its
+/// key; a client trusts it by naming it as its CA certificate.
 pub struct SelfSignedCert {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -347,6 +348,8 @@ impl SelfSignedCert {
             .args(["-pkeyopt", "ec_paramgen_curve:P-256"])
             .args(["-days", "1", "-subj", "/CN=localhost"])
             .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            // A server certificate, not a CA: rustls refuses a CA certificate as a server's.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
