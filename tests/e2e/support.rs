@@ -361,7 +361,8 @@ impl Drop for Server {
     }
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, made by openssl, and its key.
+/// A self-signed server certificate for `localhost` and 127.0.0.1, made by openssl, and its
+/// key; a client trusts it by naming it as its CA certificate.
 pub struct SelfSignedCert {
     pub cert: PathBuf,
     pub key: PathBuf,
