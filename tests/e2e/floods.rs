@@ -6,12 +6,11 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{TestDevice, V3Device, tls_server};
+use crate::support::{TestDevice, V3Device, publish_over_tls, tls_server};
 
 /// Source address of the login flood: another host as far as the server can tell.
 const FLOOD_SOURCE: &str = "127.0.0.3";
@@ -143,20 +142,7 @@ async fn floods_and_stalled_handshakes_do_not_keep_a_device_out() {
         .unwrap();
     drop(connection);
 
-    let payload_file = dir.path().join("reading.bin");
-    std::fs::write(&payload_file, device.payload(2)).unwrap();
-    let published = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &tls_address.port().to_string()])
-        .arg("--cafile")
-        .arg(&cert)
-        .arg("--insecure")
-        .args(["-V", "mqttv311", "-q", "1"])
-        .args(["-i", &device.id, "-u", &device.id, "-P", &device.token()])
-        .args(["-t", &device.topic()])
-        .arg("-f")
-        .arg(&payload_file)
-        .output()
-        .unwrap();
+    let published = publish_over_tls(dir.path(), tls_address, &cert, &device, device.payload(2));
     assert!(
         published.status.success(),
         "TLS login during the flood: {}",

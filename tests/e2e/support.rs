@@ -627,3 +627,28 @@ pub fn tls_server(dir: &Path) -> (Server, SocketAddr, PathBuf) {
     let server = Server::start_with(&dir.join("data"), &["--config", config.to_str().unwrap()]);
     (server, tls_address, cert)
 }
+
+/// Publishes one reading with QoS 1 over MQTT/TLS with `mosquitto_pub`, an independent client,
+/// trusting `cert`; returns its output.
+pub fn publish_over_tls(
+    dir: &Path,
+    tls_address: SocketAddr,
+    cert: &Path,
+    device: &TestDevice,
+    payload: Vec<u8>,
+) -> std::process::Output {
+    let payload_file = dir.join(format!("{}.reading.bin", device.id));
+    std::fs::write(&payload_file, payload).unwrap();
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &tls_address.port().to_string()])
+        .arg("--cafile")
+        .arg(cert)
+        .arg("--insecure")
+        .args(["-V", "mqttv311", "-q", "1"])
+        .args(["-i", &device.id, "-u", &device.id, "-P", &device.token()])
+        .args(["-t", &device.topic()])
+        .arg("-f")
+        .arg(&payload_file)
+        .output()
+        .unwrap()
+}

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{SelfSignedCert, Server, TestDevice, tls_server, wait_for};
+use crate::support::{SelfSignedCert, Server, TestDevice, publish_over_tls, tls_server, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_published_over_tls_is_stored() {
@@ -11,20 +11,7 @@ async fn a_reading_published_over_tls_is_stored() {
     let device = TestDevice::new("tls-monitor-1");
     server.enroll(&[&device]);
 
-    let payload_file = dir.path().join("reading.bin");
-    std::fs::write(&payload_file, device.payload(1)).unwrap();
-    let published = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &tls_address.port().to_string()])
-        .arg("--cafile")
-        .arg(&cert)
-        .arg("--insecure")
-        .args(["-V", "mqttv311", "-q", "1"])
-        .args(["-i", &device.id, "-u", &device.id, "-P", &device.token()])
-        .args(["-t", &device.topic()])
-        .arg("-f")
-        .arg(&payload_file)
-        .output()
-        .unwrap();
+    let published = publish_over_tls(dir.path(), tls_address, &cert, &device, device.payload(1));
     assert!(
         published.status.success(),
         "{}",
