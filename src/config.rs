@@ -140,6 +140,67 @@ mod tests {
         assert_eq!(config.grpc_listen.port(), 50051);
     }
 
+    /// What the container image and the Kubernetes node need of their config: the default
+    /// ports, the network on every listener but plaintext MQTT (which the gateway refuses on
+    /// the network), TLS for the devices, and an absolute data directory (the volume).
+    fn assert_serves_a_container(config: &VigilConfig, origin: &str) {
+        let defaults = VigilConfig::default();
+        let ingest = &config.ingest;
+        for (what, deployed, default) in [
+            ("grpc_listen", config.grpc_listen, defaults.grpc_listen),
+            ("http_listen", config.http_listen, defaults.http_listen),
+            (
+                "mqtt_listen",
+                ingest.mqtt_listen,
+                defaults.ingest.mqtt_listen,
+            ),
+            (
+                "mqtt_tls_listen",
+                ingest.mqtt_tls_listen,
+                defaults.ingest.mqtt_tls_listen,
+            ),
+        ] {
+            assert_eq!(deployed.port(), default.port(), "{origin}: {what}");
+            if what != "mqtt_listen" {
+                assert!(
+                    deployed.ip().is_unspecified(),
+                    "{origin}: {what} = {deployed}"
+                );
+            }
+        }
+        assert!(
+            ingest.mqtt_listen.ip().is_loopback() && !ingest.allow_plaintext,
+            "{origin}"
+        );
+        assert!(
+            ingest.tls_cert_path.is_some() && ingest.tls_key_path.is_some(),
+            "{origin}: devices need MQTT over TLS"
+        );
+        assert!(config.data_dir.is_absolute(), "{origin}: data_dir");
+        assert_eq!(config.log_format, "json", "{origin}: log_format");
+    }
+
+    #[test]
+    fn the_container_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/container/vigil.toml");
+        let config = VigilConfig::load(&path).unwrap();
+        assert_serves_a_container(&config, "deploy/container/vigil.toml");
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_loads() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s/configmap.yaml");
+        let manifest: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+        let embedded = manifest["data"]["vigil.toml"].as_str().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vigil.toml");
+        std::fs::write(&path, embedded).unwrap();
+        let config = VigilConfig::load(&path).unwrap();
+        assert_serves_a_container(&config, "deploy/k8s/configmap.yaml");
+    }
+
     #[test]
     fn grpc_tls_settings_are_checked() {
         let config = |text: &str| toml::from_str::<VigilConfig>(text).unwrap();

@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod contract;
 mod crash;
+mod deploy;
 mod detection;
 mod floods;
 mod log_hygiene;
