@@ -5,11 +5,15 @@
 //! the same device; each PUBLISH is checked against the topic ACL, decoded and checked without
 //! a key, queued on the device's verifier shard, and acknowledged only once the write-ahead log
 //! has the reading or its refusal. A full verifier queue stops this connection's handler, and
-//! with it the reading of further packets: back-pressure reaches the device.
+//! with it the reading of further packets: back-pressure reaches the device. A reading that
+//! finds no room within `overload_wait_ms` is shed (see [`crate::overload`]): v5 devices get
+//! PUBACK 0x97, v3.1.1 devices lose the connection without a PUBACK and re-send after
+//! reconnecting, and new logins are refused as "server unavailable" for a while.
 //!
 //! Connections run on ntex worker threads (their sinks are not `Send`); everything shared
 //! across connections lives in [`GatewayContext`].
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +34,7 @@ use vigil_store::Rejection;
 use crate::arrival::{ArrivalHandle, ArrivalOrder, ArrivalScanner, Ticket};
 use crate::login::{LoginChecker, LoginRefusal};
 use crate::metrics::IngestMetrics;
+use crate::overload::PendingBudget;
 use crate::payload::check_payload;
 use crate::reasons::RefusalReason;
 use crate::recorder::RejectionRecorder;
@@ -61,6 +66,8 @@ pub struct GatewayContext {
     /// Security events for the detector; never blocks.
     pub observations: ObservationSender,
     pub throttle: Arc<PeerThrottle>,
+    /// The bound on bytes held for readings in flight, and whether new work is refused.
+    pub pending: PendingBudget,
 }
 
 /// Error that ends a connection; v3.1.1 has no other way to refuse a publish.
@@ -74,6 +81,9 @@ pub enum GatewayError {
     PayloadRead,
     /// A TLS client failed its handshake.
     TlsHandshake,
+    /// The server sheds load: this connection's readings are not taken; the device re-sends
+    /// after reconnecting.
+    Overloaded,
 }
 
 impl From<()> for GatewayError {
@@ -98,6 +108,9 @@ struct DeviceSession {
     readings_topic: Arc<str>,
     notices_topic: Arc<str>,
     order: Rc<ArrivalOrder>,
+    /// Set once a reading of this connection was shed: every later one is shed too, so that
+    /// nothing published after a shed reading is stored before it is sent again.
+    shed: Rc<Cell<bool>>,
     _registration: Rc<Registration>,
 }
 
@@ -124,6 +137,10 @@ enum Outcome {
     Accepted,
     Refused(RefusalReason),
     Failed,
+    /// Shed for overload; `first` for the first shed reading of the connection.
+    Shed {
+        first: bool,
+    },
 }
 
 /// Either version's sink, to send a notice and close a session from its own thread.
@@ -140,9 +157,11 @@ impl GatewayContext {
         username: Option<&str>,
         password: Option<&[u8]>,
         peer: &Arc<str>,
-    ) -> Option<Arc<DeviceEntry>> {
+    ) -> Result<Arc<DeviceEntry>, LoginRefusal> {
         let checked = if self.throttle.is_throttled(peer) {
             Err(LoginRefusal::Throttled)
+        } else if self.pending.shedding() {
+            Err(LoginRefusal::Overloaded)
         } else {
             self.logins
                 .check(client_id, username, password, now_unix_s())
@@ -152,13 +171,14 @@ impl GatewayContext {
                 self.metrics.logins_accepted.inc();
                 self.observations
                     .security(&device.id, EventKind::LoginAccepted, peer);
-                Some(device)
+                Ok(device)
             }
             Err(refusal) => {
                 self.metrics.login_refused(refusal);
                 tracing::debug!(reason = refusal.as_str(), %peer, "login refused");
                 // A throttled peer was counted already; telling the detector again would
-                // only let a flood cost it work.
+                // only let a flood cost it work. A login refused for overload says nothing
+                // about the device.
                 // The client id is the attacker's text: kept as data, cut to a device id's
                 // longest length, with the length it had when that cut something off.
                 let claimed_id = truncate_chars(client_id, MAX_DEVICE_ID_LEN);
@@ -167,7 +187,7 @@ impl GatewayContext {
                 } else {
                     String::new()
                 };
-                if refusal != LoginRefusal::Throttled {
+                if !matches!(refusal, LoginRefusal::Throttled | LoginRefusal::Overloaded) {
                     self.observations
                         .security(&claimed_id, EventKind::LoginRefused, peer);
                 }
@@ -181,7 +201,7 @@ impl GatewayContext {
                     },
                     None,
                 );
-                None
+                Err(refusal)
             }
         }
     }
@@ -210,6 +230,7 @@ impl GatewayContext {
             readings_topic: Arc::from(readings_topic(&device.id)),
             notices_topic: notices,
             order,
+            shed: Rc::default(),
             _registration: Rc::new(Registration {
                 context: self.clone(),
                 device_id: device.id.clone(),
@@ -255,6 +276,11 @@ impl GatewayContext {
         payload: &[u8],
     ) -> Outcome {
         ticket.turn().await;
+        let deadline = Instant::now() + self.pending.wait();
+        if session.shed.get() {
+            self.metrics.refused(RefusalReason::Overloaded);
+            return Outcome::Shed { first: false };
+        }
         if topic != &*session.readings_topic {
             drop(ticket);
             let detail = format!("topic {}", truncate_chars(topic, 200));
@@ -282,6 +308,10 @@ impl GatewayContext {
             }
         };
 
+        // Held until the PUBACK is decided.
+        let Some(_held) = self.pending.hold(payload.len(), deadline).await else {
+            return self.shed(session);
+        };
         let (verdict_sender, verdict) = oneshot::channel();
         let (durable_sender, durable) = oneshot::channel();
         let job = VerifyJob {
@@ -292,10 +322,17 @@ impl GatewayContext {
             verdict: verdict_sender,
             durable: durable_sender,
         };
-        let queued = self.verifier.submit(job).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let queued = ntex::time::timeout(left, self.verifier.submit(job)).await;
         drop(ticket);
-        if queued.is_err() {
-            return self.not_durable();
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return self.not_durable(),
+            // Not queued: the job was dropped with the timed-out send.
+            Err(_) => {
+                self.pending.shed();
+                return self.shed(session);
+            }
         }
 
         let Ok(verdict) = verdict.await else {
@@ -314,6 +351,16 @@ impl GatewayContext {
     fn not_durable(&self) -> Outcome {
         self.metrics.refused(RefusalReason::Overloaded);
         Outcome::Failed
+    }
+
+    /// A reading that found no room in time: counted as refused for overload, not stored, and
+    /// every later reading of the connection is shed too. Nothing is recorded in
+    /// `rejections`: the log is what cannot keep up.
+    fn shed(&self, session: &DeviceSession) -> Outcome {
+        self.metrics.refused(RefusalReason::Overloaded);
+        session.shed.set(true);
+        tracing::debug!(device_id = %session.device.id, "reading shed for overload");
+        Outcome::Shed { first: true }
     }
 }
 
@@ -407,13 +454,14 @@ async fn handshake_v3(
     );
 
     match admitted {
-        Some(device) => {
+        Ok(device) => {
             let sink = SessionSink::V3(handshake.sink());
             let order = arrival_order(handshake.io());
             let session = context.open_session(device, peer, sink, order);
             Ok(handshake.ack(session, false).idle_timeout(keep))
         }
-        None => Ok(handshake.not_authorized()),
+        Err(LoginRefusal::Overloaded) => Ok(handshake.service_unavailable()),
+        Err(_) => Ok(handshake.not_authorized()),
     }
 }
 
@@ -432,7 +480,7 @@ async fn handshake_v5(
     );
 
     match admitted {
-        Some(device) => {
+        Ok(device) => {
             let sink = SessionSink::V5(handshake.sink());
             let order = arrival_order(handshake.io());
             let session = context.open_session(device, peer, sink, order);
@@ -443,7 +491,10 @@ async fn handshake_v5(
                 ack.max_packet_size = Some(max_packet);
             }))
         }
-        None => Ok(handshake.failed(v5::codec::ConnectAckReason::NotAuthorized)),
+        Err(LoginRefusal::Overloaded) => {
+            Ok(handshake.failed(v5::codec::ConnectAckReason::ServerUnavailable))
+        }
+        Err(_) => Ok(handshake.failed(v5::codec::ConnectAckReason::NotAuthorized)),
     }
 }
 
@@ -474,6 +525,9 @@ async fn publish_v3(
         Outcome::Refused(_) => Ok(()),
         // Not durable: no PUBACK; the device re-sends after reconnecting.
         Outcome::Failed => Err(GatewayError::StorageUnavailable),
+        // Shed: no PUBACK either (an acknowledgement would tell a v3.1.1 device that the
+        // reading was delivered); the device re-sends after reconnecting.
+        Outcome::Shed { .. } => Err(GatewayError::Overloaded),
     }
 }
 
@@ -498,7 +552,11 @@ async fn publish_v5(
     let code = match outcome {
         Outcome::Accepted => return Ok(publish.ack()),
         Outcome::Refused(reason) => reason.v5_code(),
-        Outcome::Failed => RefusalReason::Overloaded.v5_code(),
+        Outcome::Failed | Outcome::Shed { first: true } => RefusalReason::Overloaded.v5_code(),
+        // The device was told 0x97 for an earlier reading; the readings it published after
+        // that one are not acknowledged at all, and the connection closes, so that it
+        // re-sends them after the shed one once it reconnects.
+        Outcome::Shed { first: false } => return Err(GatewayError::Overloaded),
     };
     let reason = v5::codec::PublishAckReason::try_from(code)
         .unwrap_or(v5::codec::PublishAckReason::UnspecifiedError);

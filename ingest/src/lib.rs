@@ -10,6 +10,7 @@ pub mod guard;
 pub mod login;
 pub mod metrics;
 pub mod nonces;
+pub mod overload;
 pub mod payload;
 pub mod reasons;
 pub mod recorder;
@@ -33,6 +34,7 @@ use crate::gateway::{GatewayContext, GatewaySettings};
 use crate::login::LoginChecker;
 use crate::metrics::IngestMetrics;
 use crate::nonces::NonceCache;
+use crate::overload::PendingBudget;
 use crate::recorder::RejectionRecorder;
 use crate::registry::{DeviceEntry, DeviceRegistry, DeviceStatus};
 use crate::sessions::{CloseOrder, SessionTable};
@@ -112,6 +114,16 @@ pub struct IngestConfig {
     pub verifier_queue_capacity: usize,
     /// MQTT worker threads; 0 means one per CPU core.
     pub mqtt_workers: usize,
+    /// Most bytes held for readings whose PUBACK is not decided yet (payload plus a fixed
+    /// overhead each), across all devices: the server's memory bound for readings in flight.
+    pub max_pending_bytes: usize,
+    /// Longest a reading waits for room (its share of `max_pending_bytes`, a verifier queue
+    /// slot) before it is shed as `overloaded`; new logins are refused as "server unavailable"
+    /// for as long again after the last shed reading.
+    pub overload_wait_ms: u64,
+    /// Most concurrent MQTT connections (plain and TLS together); beyond it, new connections
+    /// wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for IngestConfig {
@@ -133,6 +145,9 @@ impl Default for IngestConfig {
             verifier_max_batch: 512,
             verifier_queue_capacity: 8192,
             mqtt_workers: 0,
+            max_pending_bytes: 64 << 20,
+            overload_wait_ms: 5_000,
+            max_connections: 20_000,
         }
     }
 }
@@ -188,6 +203,32 @@ impl Ingest {
             observations.clone(),
         )?;
         let recorder = RejectionRecorder::start(wal, 16_384, metrics.clone())?;
+        if config.max_pending_bytes < config.max_payload_bytes + overload::READING_OVERHEAD_BYTES
+            || config.max_pending_bytes > PendingBudget::MAX_LIMIT_BYTES
+        {
+            return Err(Error::Config {
+                setting: "max_pending_bytes",
+                reason: format!(
+                    "must hold at least one largest reading ({} bytes) and at most {} bytes",
+                    config.max_payload_bytes + overload::READING_OVERHEAD_BYTES,
+                    PendingBudget::MAX_LIMIT_BYTES
+                ),
+            });
+        }
+        if config.max_connections == 0 {
+            return Err(Error::Config {
+                setting: "max_connections",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        metrics
+            .pending_bytes_limit
+            .set(config.max_pending_bytes as i64);
+        let pending = PendingBudget::new(
+            config.max_pending_bytes,
+            std::time::Duration::from_millis(config.overload_wait_ms),
+            metrics.pending_bytes.clone(),
+        );
 
         let settings = GatewaySettings {
             max_payload_bytes: config.max_payload_bytes,
@@ -205,6 +246,7 @@ impl Ingest {
             metrics: metrics.clone(),
             observations,
             throttle: throttle.clone(),
+            pending,
         });
 
         if !config.mqtt_listen.ip().is_loopback() && !config.allow_plaintext {
@@ -252,7 +294,8 @@ impl Ingest {
         } else {
             config.mqtt_workers
         };
-        let mqtt_server = start_mqtt(listener, tls, workers, context)?;
+        let max_connections_per_worker = config.max_connections.div_ceil(workers).max(1);
+        let mqtt_server = start_mqtt(listener, tls, workers, max_connections_per_worker, context)?;
         tracing::info!(
             address = %mqtt_address,
             tls_address = ?mqtt_tls_address,
@@ -339,6 +382,7 @@ fn start_mqtt(
     listener: TcpListener,
     tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     workers: usize,
+    max_connections_per_worker: usize,
     context: Arc<GatewayContext>,
 ) -> Result<ntex::server::Server> {
     let (started, server) = std::sync::mpsc::channel();
@@ -352,6 +396,7 @@ fn start_mqtt(
                 let plain_context = context.clone();
                 let mut built = ntex::server::build()
                     .workers(workers)
+                    .maxconn(max_connections_per_worker)
                     .disable_signals()
                     .listen("mqtt", listener, async move |_| {
                         gateway::mqtt_service(plain_context.clone())

@@ -25,6 +25,8 @@ pub enum LoginRefusal {
     Quarantined,
     /// The peer failed too many logins recently; its logins are refused unchecked.
     Throttled,
+    /// The server is shedding load (storage cannot keep up); answered "server unavailable".
+    Overloaded,
     ServerError,
 }
 
@@ -41,11 +43,12 @@ impl LoginRefusal {
             LoginRefusal::NonceReused => "login_nonce_reused",
             LoginRefusal::Quarantined => "login_device_quarantined",
             LoginRefusal::Throttled => "login_peer_throttled",
+            LoginRefusal::Overloaded => "login_server_overloaded",
             LoginRefusal::ServerError => "login_server_error",
         }
     }
 
-    pub const ALL: [LoginRefusal; 11] = [
+    pub const ALL: [LoginRefusal; 12] = [
         LoginRefusal::MissingCredentials,
         LoginRefusal::IdentityMismatch,
         LoginRefusal::UnknownDevice,
@@ -56,6 +59,7 @@ impl LoginRefusal {
         LoginRefusal::NonceReused,
         LoginRefusal::Quarantined,
         LoginRefusal::Throttled,
+        LoginRefusal::Overloaded,
         LoginRefusal::ServerError,
     ];
 }

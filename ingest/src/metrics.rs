@@ -32,6 +32,8 @@ pub struct IngestMetrics {
     pub verifier_queue_depth: Gauge,
     pub puback_latency_seconds: Histogram,
     pub rejections_dropped: Counter,
+    pub pending_bytes: Gauge,
+    pub pending_bytes_limit: Gauge,
 }
 
 impl IngestMetrics {
@@ -50,6 +52,8 @@ impl IngestMetrics {
             verifier_queue_depth: Gauge::default(),
             puback_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             rejections_dropped: Counter::default(),
+            pending_bytes: Gauge::default(),
+            pending_bytes_limit: Gauge::default(),
         };
 
         // Every label is present from the start, so dashboards and tests see zeros, not gaps.
@@ -148,6 +152,16 @@ impl IngestMetrics {
             "rejections_dropped",
             "Refusal records not stored because the queue was full",
             self.rejections_dropped.clone(),
+        );
+        ingest.register(
+            "pending_bytes",
+            "Bytes held for readings whose PUBACK is not decided yet",
+            self.pending_bytes.clone(),
+        );
+        ingest.register(
+            "pending_bytes_limit",
+            "The configured bound on pending_bytes (max_pending_bytes)",
+            self.pending_bytes_limit.clone(),
         );
     }
 }

@@ -207,6 +207,34 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
         PubAckReason::NotAuthorized
     );
 
+    let mut not_a_number = device.reading(3);
+    not_a_number.measurements[0].value = f64::NAN;
+    let not_a_number = sign_reading(&device.key, &not_a_number).encode_to_vec();
+    assert_eq!(
+        session.publish(&topic, not_a_number).await,
+        PubAckReason::PayloadFormatInvalid,
+        "a NaN value"
+    );
+    let mut shouting = device.reading(3);
+    shouting.measurements[0].metric = "Heart_Rate<script>".to_owned();
+    let shouting = sign_reading(&device.key, &shouting).encode_to_vec();
+    assert_eq!(
+        session.publish(&topic, shouting).await,
+        PubAckReason::PayloadFormatInvalid,
+        "a metric name outside lowercase a-z 0-9 _"
+    );
+
+    // Nothing of any refused message was stored: only reading 1 so far.
+    let stored = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}'",
+        device.id
+    );
+    assert_eq!(
+        server.sql_count(&stored).await,
+        2,
+        "reading 1 (two measurements) and nothing refused"
+    );
+
     // Still serving: the next good reading is stored.
     assert_eq!(
         session.publish(&topic, device.payload(3)).await,
@@ -218,7 +246,7 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
         ("replay", 1),
         ("topic_not_allowed", 1),
         ("device_mismatch", 1),
-        ("malformed", 1),
+        ("malformed", 3),
         ("oversized", 1),
         ("no_measurement", 1),
         ("implausible_time", 1),
@@ -236,10 +264,6 @@ async fn bad_readings_are_refused_with_v5_reason_codes() {
             "rejections for {reason}"
         );
     }
-    let stored = format!(
-        "SELECT count(*) FROM readings WHERE device_id = '{}'",
-        device.id
-    );
     assert_eq!(
         server.sql_count(&stored).await,
         4,

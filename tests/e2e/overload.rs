@@ -6,6 +6,10 @@
 //! - A stalled disk: PUBACKs wait for durability, so devices are held back by their in-flight
 //!   windows; the server's memory stays flat; once the disk is fast again, every reading is
 //!   stored exactly once.
+//! - A long stall under more load than the memory bound allows: once readings find no room
+//!   within `overload_wait_ms`, the server sheds them (v5 PUBACK 0x97, counted, never stored),
+//!   refuses new logins as "server unavailable" (v3.1.1 and v5), keeps the bytes it holds for
+//!   readings in flight under `max_pending_bytes`, and takes devices back once the disk is fast.
 //!
 //! The full disk is a small tmpfs; the stalled one an ext4 file system on a loop device whose
 //! writes a cgroup (v1 blkio) throttles. Both need root, as CI here has; where a step is not
@@ -14,9 +18,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
-use crate::support::{Server, TestDevice, V5Device, http_get};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet as V5Packet, PubAckReason};
+use rumqttc::v5::{
+    AsyncClient as V5Client, ConnectionError as V5ConnectionError, Event as V5Event,
+    EventLoop as V5EventLoop, MqttOptions as V5Options,
+};
+
+use crate::support::{Server, TestDevice, V3Device, V5Device, http_get};
 
 /// A tmpfs mounted for the life of the value.
 struct SmallDisk {
@@ -396,4 +407,263 @@ async fn a_stalled_disk_holds_devices_back_and_memory_stays_bounded() {
         server.sql_count(rows).await,
         (DEVICES as u64 * READINGS * 2) as i64
     );
+}
+
+/// What one v5 device saw: readings acknowledged with success, and readings shed (0x97).
+#[derive(Debug, Default)]
+struct V5Outcome {
+    acknowledged: BTreeSet<u64>,
+    shed: BTreeSet<u64>,
+}
+
+fn v5_options(device: &TestDevice, server: &Server) -> V5Options {
+    let mut options = V5Options::new(&device.id, server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials(&device.id, device.token());
+    options
+}
+
+async fn connect_v5(device: &TestDevice, server: &Server) -> (V5Client, V5EventLoop) {
+    let (client, mut events) = V5Client::new(v5_options(device, server), 16);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(V5Event::Incoming(V5Packet::ConnAck(_)))) => return (client, events),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => panic!("{}: cannot connect: {error}", device.id),
+            Err(_) => panic!("{}: no CONNACK within 10 s", device.id),
+        }
+    }
+}
+
+/// Publishes seq 1..=`readings` in order with the server's in-flight window, until every one
+/// is answered or the server closes the connection; maps each PUBACK back to its seq.
+async fn push_v5(
+    device: TestDevice,
+    (client, mut events): (V5Client, V5EventLoop),
+    readings: u64,
+) -> V5Outcome {
+    let topic = device.topic();
+    let payloads: Vec<Vec<u8>> = (1..=readings).map(|seq| device.payload(seq)).collect();
+    let publisher = tokio::spawn(async move {
+        for payload in payloads {
+            let sent = client
+                .publish(
+                    &topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    });
+    let mut outcome = V5Outcome::default();
+    let mut in_flight: HashMap<u16, u64> = HashMap::new();
+    let mut next_seq = 1;
+    while ((outcome.acknowledged.len() + outcome.shed.len()) as u64) < readings {
+        match events.poll().await {
+            Ok(V5Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                in_flight.insert(pkid, next_seq);
+                next_seq += 1;
+            }
+            Ok(V5Event::Incoming(V5Packet::PubAck(ack))) => {
+                let seq = in_flight
+                    .remove(&ack.pkid)
+                    .expect("a PUBACK for a publish in flight");
+                match ack.reason {
+                    PubAckReason::Success => outcome.acknowledged.insert(seq),
+                    PubAckReason::QuotaExceeded => outcome.shed.insert(seq),
+                    other => panic!("{} seq {seq}: unexpected PUBACK {other:?}", device.id),
+                };
+            }
+            Ok(_) => {}
+            // Closed by the server after a shed reading: what is still in flight is the
+            // device's to send again.
+            Err(_) => break,
+        }
+    }
+    publisher.abort();
+    outcome
+}
+
+/// A v5 login attempt's CONNACK code, or `Success`.
+async fn v5_login(device: &TestDevice, server: &Server) -> ConnectReturnCode {
+    let (_client, mut events) = V5Client::new(v5_options(device, server), 4);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(V5Event::Incoming(V5Packet::ConnAck(ack)))) => return ack.code,
+            Ok(Ok(_)) => {}
+            Ok(Err(V5ConnectionError::ConnectionRefused(code))) => return code,
+            Ok(Err(error)) => panic!("{}: login failed: {error}", device.id),
+            Err(_) => panic!("{}: no CONNACK within 10 s", device.id),
+        }
+    }
+}
+
+/// More devices than the memory bound can hold readings for, against a disk that takes one
+/// write a second: the server holds them back, then sheds with a reason, refuses new logins,
+/// stays within its bound, and recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stall_sheds_load_with_a_reason_within_the_memory_bound_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SlowDisk::create(dir.path()) else {
+        return;
+    };
+    const LIMIT_BYTES: u64 = 1 << 20;
+    let config = dir.path().join("bounded.toml");
+    std::fs::write(
+        &config,
+        format!("[ingest]\nmax_pending_bytes = {LIMIT_BYTES}\noverload_wait_ms = 1500\n"),
+    )
+    .unwrap();
+    let server = Server::start_with(
+        &disk.mount.join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    const DEVICES: usize = 100;
+    const READINGS: u64 = 200;
+    let devices: Vec<TestDevice> = (0..DEVICES)
+        .map(|index| TestDevice::new(&format!("shed-{index:03}")))
+        .collect();
+    let latecomer_v5 = TestDevice::new("late-v5");
+    let latecomer_v3 = TestDevice::new("late-v3");
+    let mut everyone: Vec<&TestDevice> = devices.iter().collect();
+    everyone.extend([&latecomer_v5, &latecomer_v3]);
+    server.enroll(&everyone);
+
+    let mut connected = Vec::new();
+    for device in &devices {
+        connected.push((device.clone(), connect_v5(device, &server).await));
+    }
+    let pid = server.pid();
+    let before_kib = resident_kib(pid);
+    disk.throttle(pid, 1);
+    let fleet: Vec<_> = connected
+        .into_iter()
+        .map(|(device, connection)| tokio::spawn(push_v5(device, connection, READINGS)))
+        .collect();
+
+    // Wait for the first shed reading, sampling memory on the way.
+    let mut peak_kib = before_kib;
+    let mut peak_pending = 0.0f64;
+    let overloaded = "vigil_ingest_readings_refused_total{reason=\"overloaded\"}";
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while server.metric(overloaded) < 1.0 {
+        assert!(
+            Instant::now() < give_up,
+            "nothing shed within 60 s of stall"
+        );
+        peak_kib = peak_kib.max(resident_kib(pid));
+        peak_pending = peak_pending.max(server.metric("vigil_ingest_pending_bytes"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // While shedding, new logins are refused with a reason, whatever the protocol version.
+    assert_eq!(
+        v5_login(&latecomer_v5, &server).await,
+        ConnectReturnCode::ServerUnavailable,
+        "a v5 login while the server sheds load"
+    );
+    match V3Device::connect_with(latecomer_v3.options(server.mqtt)).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => assert_eq!(
+            code,
+            rumqttc::ConnectReturnCode::ServiceUnavailable,
+            "a v3.1.1 login while the server sheds load"
+        ),
+        Err(error) => panic!("v3.1.1 login while shedding: {error}"),
+        Ok(_) => panic!("a v3.1.1 login was admitted while the server sheds load"),
+    }
+    assert!(
+        server.metric("vigil_ingest_logins_refused_total{reason=\"login_server_overloaded\"}")
+            >= 2.0,
+        "the refused logins are counted"
+    );
+
+    // Stalled some more; then the disk is fast again.
+    let stall_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < stall_until {
+        peak_kib = peak_kib.max(resident_kib(pid));
+        peak_pending = peak_pending.max(server.metric("vigil_ingest_pending_bytes"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    disk.unthrottle();
+    let mut acknowledged = BTreeSet::new();
+    let mut shed = BTreeSet::new();
+    for (device, outcome) in devices.iter().zip(fleet) {
+        let outcome = outcome.await.unwrap();
+        acknowledged.extend(
+            outcome
+                .acknowledged
+                .iter()
+                .map(|seq| (device.id.clone(), *seq)),
+        );
+        shed.extend(outcome.shed.iter().map(|seq| (device.id.clone(), *seq)));
+    }
+    peak_kib = peak_kib.max(resident_kib(pid));
+    eprintln!(
+        "long stall: {DEVICES} devices, {} readings acknowledged, {} shed with 0x97; \
+         max_pending_bytes {LIMIT_BYTES}, peak pending {peak_pending} bytes; server resident \
+         memory {} MiB before, peak {} MiB (+{} MiB)",
+        acknowledged.len(),
+        shed.len(),
+        before_kib / 1024,
+        peak_kib / 1024,
+        peak_kib.saturating_sub(before_kib) / 1024
+    );
+    assert!(!shed.is_empty(), "readings were shed with PUBACK 0x97");
+    assert!(
+        peak_pending <= LIMIT_BYTES as f64,
+        "held {peak_pending} bytes for readings in flight, over the bound"
+    );
+    assert!(
+        peak_kib.saturating_sub(before_kib) < 128 * 1024,
+        "memory grew by {} MiB under a long stall",
+        peak_kib.saturating_sub(before_kib) / 1024
+    );
+
+    // Recovered: logins are admitted and readings taken again, once the shedding window ends.
+    let mut code = ConnectReturnCode::ServerUnavailable;
+    for _attempt in 0..50 {
+        code = v5_login(&latecomer_v5, &server).await;
+        if code == ConnectReturnCode::Success {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(code, ConnectReturnCode::Success, "a login after the stall");
+    let mut late = V5Device::connect(&latecomer_v5, &server).await;
+    assert_eq!(
+        late.publish(&latecomer_v5.topic(), latecomer_v5.payload(1))
+            .await,
+        PubAckReason::Success,
+        "a reading after the stall"
+    );
+
+    // Every acknowledged reading is stored once; no shed reading is stored.
+    let stored: BTreeSet<(String, u64)> = server
+        .sql("SELECT DISTINCT device_id, seq FROM readings WHERE device_id LIKE 'shed-%'")
+        .await
+        .iter()
+        .flat_map(|batch| {
+            let ids = arrow::array::cast::as_string_array(batch.column(0));
+            let seqs = arrow::array::cast::as_primitive_array::<arrow::datatypes::UInt64Type>(
+                batch.column(1),
+            );
+            (0..batch.num_rows())
+                .map(|row| (ids.value(row).to_owned(), seqs.value(row)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let missing: Vec<_> = acknowledged.difference(&stored).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    let stored_shed: Vec<_> = shed.intersection(&stored).take(5).collect();
+    assert!(stored_shed.is_empty(), "shed but stored: {stored_shed:?}");
+    let rows = server
+        .sql_count("SELECT count(*) FROM readings WHERE device_id LIKE 'shed-%'")
+        .await;
+    assert_eq!(rows, stored.len() as i64 * 2, "no reading stored twice");
 }

@@ -428,6 +428,7 @@ pub fn now_s() -> u64 {
 }
 
 /// A device with its own key, as the device side holds it.
+#[derive(Clone)]
 pub struct TestDevice {
     pub id: String,
     pub key: SigningKey,
