@@ -1,6 +1,6 @@
 //! `vigil drill`: a detection exercise. A server on loopback, a healthy simulated fleet, and
-//! one attacked device per scenario; at the end, a detection report checked against the
-//! attacks' ground truth.
+//! a few attacked devices per scenario (`--victims`); at the end, a detection report checked
+//! against the attacks' ground truth, with the median and worst times per scenario.
 //!
 //! Timeline: the whole fleet publishes for `--warmup-s` (baselines learn, the fleet model is
 //! trained from stored history); then the devices that an attacker replaces stop, every
@@ -40,6 +40,9 @@ pub(crate) struct DrillArgs {
     /// Seconds the attacks (and the healthy fleet) go on.
     #[arg(long, default_value_t = 30)]
     attack_s: u64,
+    /// Attacked devices per scenario, each attacked on its own.
+    #[arg(long, default_value_t = 3)]
+    victims: usize,
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -61,16 +64,33 @@ pub(crate) struct ScenarioResult {
     pub(crate) attack_messages: u64,
 }
 
+/// One scenario over all its victims.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ScenarioSummary {
+    pub(crate) scenario: &'static str,
+    pub(crate) cut_off_expected: bool,
+    pub(crate) victims: usize,
+    pub(crate) detected: usize,
+    pub(crate) cut_off: usize,
+    pub(crate) median_alert_ms: Option<i64>,
+    pub(crate) worst_alert_ms: Option<i64>,
+    pub(crate) median_cut_off_ms: Option<i64>,
+    pub(crate) worst_cut_off_ms: Option<i64>,
+}
+
 /// The whole detection report.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DrillReport {
     pub(crate) healthy_devices: usize,
+    pub(crate) summary: Vec<ScenarioSummary>,
     pub(crate) scenarios: Vec<ScenarioResult>,
     /// Alerts (not `info`) on devices nobody attacked.
     pub(crate) false_alerts: usize,
     pub(crate) false_alert_devices: usize,
     /// Healthy devices cut off.
     pub(crate) false_cut_offs: usize,
+    /// Each wrongly cut-off device with the detectors of its alerts, in order.
+    pub(crate) false_cut_off_devices: BTreeMap<String, Vec<String>>,
     pub(crate) false_alert_detectors: BTreeMap<String, usize>,
     pub(crate) healthy_readings_acked: u64,
     pub(crate) total_alerts: usize,
@@ -78,10 +98,35 @@ pub(crate) struct DrillReport {
 
 impl std::fmt::Display for DrillReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<i64>| v.map_or("-".to_owned(), |v| v.to_string());
         writeln!(
             f,
-            "{:<26} {:<9} {:<8} {:>10} {:>12}  detectors",
-            "scenario", "detected", "cut off", "alert ms", "cut-off ms"
+            "{:<26} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10}",
+            "scenario", "detected", "cut off", "alert p50", "alert max", "cut p50 ms", "cut max ms"
+        )?;
+        for s in &self.summary {
+            let cut = if s.cut_off_expected {
+                format!("{}/{}", s.cut_off, s.victims)
+            } else {
+                format!("{}/0 ok", s.cut_off)
+            };
+            writeln!(
+                f,
+                "{:<26} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10}",
+                s.scenario,
+                format!("{}/{}", s.detected, s.victims),
+                cut,
+                ms(s.median_alert_ms),
+                ms(s.worst_alert_ms),
+                ms(s.median_cut_off_ms),
+                ms(s.worst_cut_off_ms)
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<26} {:<14} {:<9} {:<8} {:>10} {:>12}  detectors",
+            "scenario", "device", "detected", "cut off", "alert ms", "cut-off ms"
         )?;
         for s in &self.scenarios {
             let cut = match (s.cut_off_expected, s.cut_off) {
@@ -90,11 +135,11 @@ impl std::fmt::Display for DrillReport {
                 (false, false) => "no (ok)",
                 (false, true) => "WRONG",
             };
-            let ms = |v: Option<i64>| v.map_or("-".to_owned(), |v| v.to_string());
             writeln!(
                 f,
-                "{:<26} {:<9} {:<8} {:>10} {:>12}  {}",
+                "{:<26} {:<14} {:<9} {:<8} {:>10} {:>12}  {}",
                 s.scenario,
+                s.device_id,
                 if s.detected { "yes" } else { "NO" },
                 cut,
                 ms(s.time_to_alert_ms),
@@ -110,7 +155,14 @@ impl std::fmt::Display for DrillReport {
             self.false_alert_devices,
             self.false_alert_detectors,
             self.false_cut_offs
-        )
+        )?;
+        for (device, alerts) in &self.false_cut_off_devices {
+            writeln!(f, "  wrongly cut off: {device}")?;
+            for alert in alerts {
+                writeln!(f, "    {alert}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -134,8 +186,12 @@ pub(crate) async fn run(args: DrillArgs) -> anyhow::Result<DrillReport> {
         .context("the server did not create its admin token")?;
     let client = Client::connect(&format!("http://{}", server.grpc_address), token, None).await?;
 
-    let mut fleet = generate_fleet(args.devices + 2 * Scenario::ALL.len(), 2026);
-    let victims = pick_victims(&mut fleet);
+    let per_scenario = args.victims.max(1);
+    let mut fleet = generate_fleet(
+        args.devices + (per_scenario + 1) * Scenario::ALL.len(),
+        2026,
+    );
+    let victims = pick_victims(&mut fleet, per_scenario);
     let all: Vec<SimDevice> = fleet
         .iter()
         .chain(victims.iter().map(|(_, device)| device))
@@ -233,27 +289,65 @@ pub(crate) async fn run(args: DrillArgs) -> anyhow::Result<DrillReport> {
     Ok(report)
 }
 
-/// Takes one attacked device per scenario out of the fleet; physiological attacks go to
-/// heart-rate monitors so their values are easy to read in the report.
-fn pick_victims(fleet: &mut Vec<SimDevice>) -> Vec<(Scenario, SimDevice)> {
+/// Takes `per_scenario` attacked devices per scenario out of the fleet; physiological attacks
+/// go to heart-rate monitors so their values are easy to read in the report.
+fn pick_victims(fleet: &mut Vec<SimDevice>, per_scenario: usize) -> Vec<(Scenario, SimDevice)> {
     let mut victims = Vec::new();
-    for scenario in Scenario::ALL {
-        if scenario == Scenario::CredentialStuffing {
-            continue;
+    for _round in 0..per_scenario {
+        for scenario in Scenario::ALL {
+            if scenario == Scenario::CredentialStuffing {
+                continue;
+            }
+            let wanted = |d: &SimDevice| {
+                !matches!(scenario, Scenario::SpoofedVitals | Scenario::SlowDrift)
+                    || d.class == DeviceClass::HeartRateMonitor
+            };
+            if let Some(index) = fleet.iter().rposition(wanted) {
+                victims.push((scenario, fleet.remove(index)));
+            }
         }
-        let wanted = |d: &SimDevice| {
-            !matches!(scenario, Scenario::SpoofedVitals | Scenario::SlowDrift)
-                || d.class == DeviceClass::HeartRateMonitor
-        };
-        if let Some(index) = fleet.iter().rposition(wanted) {
-            victims.push((scenario, fleet.remove(index)));
+        // Credential stuffing targets a device that stays healthy: nobody holds its key.
+        if let Some(device) = fleet.pop() {
+            victims.push((Scenario::CredentialStuffing, device));
         }
-    }
-    // Credential stuffing targets a device that stays healthy: nobody holds its key.
-    if let Some(device) = fleet.pop() {
-        victims.push((Scenario::CredentialStuffing, device));
     }
     victims
+}
+
+/// The median (upper, for an even count) and the largest of some times.
+fn median_and_worst(mut times: Vec<i64>) -> (Option<i64>, Option<i64>) {
+    times.sort_unstable();
+    (times.get(times.len() / 2).copied(), times.last().copied())
+}
+
+fn summarise(results: &[ScenarioResult]) -> Vec<ScenarioSummary> {
+    Scenario::ALL
+        .iter()
+        .filter_map(|scenario| {
+            let of: Vec<&ScenarioResult> = results
+                .iter()
+                .filter(|r| r.scenario == scenario.name())
+                .collect();
+            if of.is_empty() {
+                return None;
+            }
+            let (median_alert_ms, worst_alert_ms) =
+                median_and_worst(of.iter().filter_map(|r| r.time_to_alert_ms).collect());
+            let (median_cut_off_ms, worst_cut_off_ms) =
+                median_and_worst(of.iter().filter_map(|r| r.time_to_cut_off_ms).collect());
+            Some(ScenarioSummary {
+                scenario: scenario.name(),
+                cut_off_expected: scenario.cut_off_expected(),
+                victims: of.len(),
+                detected: of.iter().filter(|r| r.detected).count(),
+                cut_off: of.iter().filter(|r| r.cut_off).count(),
+                median_alert_ms,
+                worst_alert_ms,
+                median_cut_off_ms,
+                worst_cut_off_ms,
+            })
+        })
+        .collect()
 }
 
 /// Follows the alert stream like a SOC client, resuming after the last alert on errors.
@@ -360,13 +454,26 @@ fn judge(
     );
     cut.sort_unstable();
     cut.dedup();
+    let false_cut_off_devices = cut
+        .iter()
+        .map(|device| {
+            let detectors = alerts
+                .iter()
+                .filter(|a| a.device_id == *device && a.severity != "info")
+                .map(|a| format!("{}: {}", a.detector, a.summary))
+                .collect();
+            (device.to_string(), detectors)
+        })
+        .collect();
 
     DrillReport {
         healthy_devices,
+        summary: summarise(&scenarios),
         scenarios,
         false_alerts: false_alerts.len(),
         false_alert_devices: devices.len(),
         false_cut_offs: cut.len(),
+        false_cut_off_devices,
         false_alert_detectors,
         healthy_readings_acked,
         total_alerts: alerts.len(),

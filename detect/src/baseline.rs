@@ -10,6 +10,10 @@
 //!   normal is learnt but an attacker's slow drift is not absorbed before it shows. A
 //!   two-sided CUSUM over the clipped z-scores finds sustained shifts and slow drifts; a
 //!   single z-score far beyond the spread is an outlier.
+//! - **Roughness** per metric: the mean absolute change between successive values, learnt per
+//!   device, against a fast average of recent changes. A body changes smoothly at the pace of
+//!   its own noise; synthetic values that merely stay in a plausible range (a stolen key
+//!   sending made-up vitals) jump about far more than the patient's own signal did.
 //! - **Rate**: readings per one-second bucket against the device's own learnt rate.
 //! - **Clock offset**: server receive time minus device sampling time. A device's offset is
 //!   stable (network delay plus its clock error); a jump means another clock signs readings.
@@ -45,6 +49,13 @@ pub struct BaselineConfig {
     pub offset_jump_spreads: f64,
     /// Consecutive readings with a jumped offset before it is reported.
     pub offset_jump_readings: u32,
+    /// Recent roughness (mean absolute change between successive values) above this many
+    /// times the device's usual roughness is reported ...
+    pub roughness_factor: f64,
+    /// ... once it has stayed above for this many readings in a row.
+    pub roughness_readings: u32,
+    /// Weight of one change in the recent roughness (about 1 / its memory in readings).
+    pub roughness_fast_rate: f64,
 }
 
 impl Default for BaselineConfig {
@@ -62,6 +73,9 @@ impl Default for BaselineConfig {
             offset_jump_ms: 1_500.0,
             offset_jump_spreads: 8.0,
             offset_jump_readings: 3,
+            roughness_factor: 2.0,
+            roughness_readings: 3,
+            roughness_fast_rate: 0.1,
         }
     }
 }
@@ -160,6 +174,74 @@ impl MetricBaseline {
     /// The learnt mean, once warmed up.
     pub fn mean(&self, config: &BaselineConfig) -> Option<f64> {
         (self.seen >= config.warmup_readings).then_some(self.mean)
+    }
+}
+
+/// Squared changes beyond this many times the usual one are learnt as this many times.
+const ROUGHNESS_LEARN_CLIP: f64 = 12.0;
+
+/// How much a metric's value changes from one reading to the next (the root mean square of the
+/// change), against the device's own usual change.
+#[derive(Debug, Clone, Default)]
+pub struct RoughnessTracker {
+    last: Option<f64>,
+    seen: u32,
+    /// Slow mean of the squared change: this patient's usual roughness, squared.
+    usual: f64,
+    /// Fast mean of the squared change.
+    recent: f64,
+    above_in_a_row: u32,
+}
+
+impl RoughnessTracker {
+    /// Feeds one value; `floor` is the smallest usual change assumed (quantised, steady signals
+    /// must not make every small change look huge). Returns `(recent, usual)` root mean square
+    /// changes when the recent one has stayed above `roughness_factor` times the usual one for
+    /// `roughness_readings` readings; the count then starts over, so a lasting change is
+    /// reported again every `roughness_readings` readings, each report fresh evidence.
+    pub fn update(
+        &mut self,
+        value: f64,
+        floor: f64,
+        config: &BaselineConfig,
+    ) -> Option<(f64, f64)> {
+        if !value.is_finite() {
+            return None;
+        }
+        let last = self.last.replace(value)?;
+        let squared = (value - last).powi(2);
+        if self.seen < config.warmup_readings {
+            self.seen += 1;
+            self.usual += (squared - self.usual) / f64::from(self.seen);
+            self.recent = self.usual;
+            return None;
+        }
+
+        let usual = self.usual.max(floor * floor);
+        let limit = config.roughness_factor.powi(2) * usual;
+        self.recent += config.roughness_fast_rate * (squared - self.recent);
+        // Learn slowly, from clipped changes only, and ten times slower while the recent level
+        // is out of bounds, so an attacker's noise is not absorbed before it shows. The clip is
+        // far out: a squared change has a long tail, and cutting it short would bias the usual
+        // level low.
+        let clip = ROUGHNESS_LEARN_CLIP * usual;
+        let rate = if self.recent > limit {
+            config.learning_rate / 10.0
+        } else {
+            config.learning_rate
+        };
+        self.usual += rate * (squared.min(clip) - self.usual);
+
+        if self.recent > limit {
+            self.above_in_a_row += 1;
+            if self.above_in_a_row >= config.roughness_readings {
+                self.above_in_a_row = 0;
+                return Some((self.recent.sqrt(), usual.sqrt()));
+            }
+        } else {
+            self.above_in_a_row = 0;
+        }
+        None
     }
 }
 
@@ -304,6 +386,37 @@ mod tests {
         );
         let after = baseline.mean(&config).unwrap();
         assert!((after - before).abs() < 0.1, "{before} -> {after}");
+    }
+
+    /// A patient's own signal: Gaussian-like noise (a sum of uniform draws) around a level,
+    /// rounded to whole units, as the simulated monitors send it.
+    fn physiological(level: f64, sd: f64, i: u64) -> f64 {
+        let sum: f64 = (0..4).map(|k| noisy(0.0, 1.0, i * 4 + k)).sum();
+        (level + sd * sum * 0.87).round()
+    }
+
+    #[test]
+    fn a_patients_own_noise_is_not_rough_but_made_up_values_are() {
+        let config = BaselineConfig::default();
+        let mut roughness = RoughnessTracker::default();
+        let floor = config.min_relative_spread * 76.0;
+        let healthy = (0..20_000)
+            .filter(|i| {
+                roughness
+                    .update(physiological(76.0, 1.5, *i), floor, &config)
+                    .is_some()
+            })
+            .count();
+        assert_eq!(healthy, 0, "reports on the patient's own signal");
+
+        // Uniform noise of +-10 % around the same level, as a stolen key might send.
+        let found_after = (0..200u64)
+            .position(|i| {
+                let spoofed = (76.0 + 7.6 * 2.0 * (noisy(0.0, 1.0, 99_991 * i + 7))).round();
+                roughness.update(spoofed, floor, &config).is_some()
+            })
+            .expect("made-up values are found");
+        assert!(found_after < 20, "found after {found_after} readings");
     }
 
     #[test]

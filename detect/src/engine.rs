@@ -23,13 +23,15 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use crate::alerts::{Action, AlertLog, Evidence, NewAlert, Severity};
-use crate::baseline::{BaselineConfig, Finding, MetricBaseline, OffsetTracker, RateTracker};
+use crate::baseline::{
+    BaselineConfig, Finding, MetricBaseline, OffsetTracker, RateTracker, RoughnessTracker,
+};
 use crate::events::{
     EventKind, Observation, ObservationReceiver, ReadingObservation, SecurityEvent,
 };
 use crate::fleet::{CopyTable, FEATURE_NAMES, FleetConfig, FleetModel, window_features};
 use crate::metrics::DetectMetrics;
-use crate::risk::{Policy, RiskConfig, RiskState, Standing};
+use crate::risk::{Basis, Policy, RiskConfig, RiskState, Standing};
 use crate::rules::{IMPOSSIBLE_VALUE_WEIGHT, WindowCounter, event_weight, impossible_value};
 use crate::{Error, Result};
 
@@ -202,6 +204,7 @@ struct DeviceState {
 struct MetricState {
     metric: String,
     baseline: MetricBaseline,
+    roughness: RoughnessTracker,
     window: Vec<f64>,
 }
 
@@ -216,7 +219,7 @@ struct PeerState {
 struct Weighed {
     detector: &'static str,
     weight: f64,
-    keyed: bool,
+    basis: Basis,
     summary: String,
     evidence: Vec<Evidence>,
 }
@@ -297,7 +300,7 @@ impl Worker {
             findings.push(Weighed {
                 detector: "rule.impossible_value",
                 weight: IMPOSSIBLE_VALUE_WEIGHT,
-                keyed: true,
+                basis: Basis::Keyed,
                 summary: format!(
                     "{metric} = {value} is outside what a human body produces ({min}..{max})"
                 ),
@@ -313,7 +316,7 @@ impl Worker {
             findings.push(Weighed {
                 detector: "stats.rate",
                 weight: 0.5,
-                keyed: true,
+                basis: Basis::Keyed,
                 summary: format!("{rate:.0} readings in one second, usually {usual:.1}"),
                 evidence: vec![evidence(
                     "readings_per_s",
@@ -328,7 +331,7 @@ impl Worker {
             findings.push(Weighed {
                 detector: "stats.clock_offset",
                 weight: 0.3,
-                keyed: true,
+                basis: Basis::Keyed,
                 summary: format!(
                     "clock offset jumped from {usual:.0} ms to {observed:.0} ms: another clock signs \
                      readings"
@@ -344,6 +347,7 @@ impl Worker {
                     state.metrics.push(MetricState {
                         metric: metric.clone(),
                         baseline: MetricBaseline::default(),
+                        roughness: RoughnessTracker::default(),
                         window: Vec::with_capacity(config.fleet.window_readings),
                     });
                     state.metrics.len() - 1
@@ -358,7 +362,7 @@ impl Worker {
                 }) => findings.push(Weighed {
                     detector: "stats.outlier",
                     weight: 0.15,
-                    keyed: true,
+                    basis: Basis::Keyed,
                     summary: format!(
                         "{metric} = {observed} is {z:.1} spreads from this patient's {expected:.1}"
                     ),
@@ -371,7 +375,7 @@ impl Worker {
                 }) => findings.push(Weighed {
                     detector: "stats.drift",
                     weight: 0.45,
-                    keyed: true,
+                    basis: Basis::Keyed,
                     summary: format!(
                         "{metric} moved to {observed:.1} from this patient's usual {expected:.1} \
                          ({z:.1} spreads)"
@@ -384,6 +388,34 @@ impl Worker {
                     )],
                 }),
                 None => {}
+            }
+
+            let floor = config.baseline.min_relative_spread
+                * metric_state
+                    .baseline
+                    .mean(&config.baseline)
+                    .unwrap_or(0.0)
+                    .abs();
+            if let Some((recent, usual)) =
+                metric_state
+                    .roughness
+                    .update(*value, floor, &config.baseline)
+            {
+                findings.push(Weighed {
+                    detector: "stats.roughness",
+                    weight: 0.45,
+                    basis: Basis::Keyed,
+                    summary: format!(
+                        "{metric} jumps by {recent:.2} between readings, this patient's usually \
+                         by {usual:.2}: values unlike the patient's own signal"
+                    ),
+                    evidence: vec![evidence(
+                        &format!("{metric}.roughness"),
+                        recent,
+                        usual,
+                        recent / usual,
+                    )],
+                });
             }
 
             metric_state.window.push(*value);
@@ -403,7 +435,7 @@ impl Worker {
                     findings.push(Weighed {
                         detector: "fleet.copied",
                         weight: 0.6,
-                        keyed: true,
+                        basis: Basis::Keyed,
                         summary: format!(
                             "{} values of {metric} repeat {source} exactly",
                             window.len()
@@ -423,7 +455,7 @@ impl Worker {
                     findings.push(Weighed {
                         detector: "fleet.model",
                         weight: fleet_model_weight(verdict.distance, verdict.limit),
-                        keyed: true,
+                        basis: Basis::Population,
                         summary: format!(
                             "{metric} behaves unlike the {} fleet (distance {:.1}, limit {:.1})",
                             state.class, verdict.distance, verdict.limit
@@ -466,7 +498,7 @@ impl Worker {
             findings.push(Weighed {
                 detector,
                 weight,
-                keyed: true,
+                basis: Basis::Keyed,
                 summary: format!(
                     "{} inside the device's authenticated session",
                     event.kind.as_str().replace('_', " ")
@@ -481,7 +513,7 @@ impl Worker {
                     findings.push(Weighed {
                         detector: "rule.login_flood",
                         weight: 0.5,
-                        keyed: false,
+                        basis: Basis::Unkeyed,
                         summary: format!(
                             "{failures} failed logins in a minute under this device's id"
                         ),
@@ -500,7 +532,7 @@ impl Worker {
                     findings.push(Weighed {
                         detector: "rule.reconnect_churn",
                         weight: 0.4,
-                        keyed: true,
+                        basis: Basis::Keyed,
                         summary: format!("{logins} successful logins in a minute"),
                         evidence: vec![evidence(
                             "logins_per_min",
@@ -534,7 +566,7 @@ impl Worker {
                 findings.push(Weighed {
                     detector: "rule.session_takeover",
                     weight,
-                    keyed: true,
+                    basis: Basis::Keyed,
                     summary,
                     evidence: vec![evidence(
                         "takeovers_per_min",
@@ -639,7 +671,7 @@ impl Worker {
         let policy = policy_config.policy_of(&state.class);
         let changed = state.risk.add(
             finding.weight,
-            finding.keyed,
+            finding.basis,
             at_ms,
             policy,
             &policy_config.risk,

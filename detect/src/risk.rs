@@ -8,6 +8,10 @@
 //!   produce them under a device's id). Only keyed evidence can cut a device off; unkeyed
 //!   evidence alone can at most make it `suspect`, so an attacker cannot silence a patient's
 //!   monitor by failing logins in its name.
+//! - A third sum holds *population* evidence: a device unlike the rest of its class (the fleet
+//!   model). Some patients are simply unusual, and their monitors must not be cut off for it:
+//!   population evidence counts as keyed only up to `population_cap`, below
+//!   `quarantine_threshold`, so a cut-off needs the device's own statistics or a rule to agree.
 //! - Hysteresis: `active → suspect` at `suspect_threshold`, back to `active` only below
 //!   `release_threshold`; `→ quarantined` at `quarantine_threshold` of keyed risk, and out
 //!   of quarantine only by the SOC's release, which also clears the device's risk.
@@ -31,6 +35,9 @@ pub struct RiskConfig {
     pub quarantine_threshold: f64,
     /// Most that unkeyed evidence adds to the risk; below `quarantine_threshold` by design.
     pub unkeyed_cap: f64,
+    /// Most that population evidence (unlike the device's class) adds to the keyed risk;
+    /// below `quarantine_threshold` by design.
+    pub population_cap: f64,
 }
 
 impl Default for RiskConfig {
@@ -41,6 +48,7 @@ impl Default for RiskConfig {
             release_threshold: 0.25,
             quarantine_threshold: 0.8,
             unkeyed_cap: 0.6,
+            population_cap: 0.7,
         }
     }
 }
@@ -76,10 +84,23 @@ pub enum Policy {
     AlertAndConfirm,
 }
 
+/// What a piece of evidence rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// Produced with the device's key or inside its authenticated session, and telling of a
+    /// compromise on its own.
+    Keyed,
+    /// Keyed, but only saying that the device is unlike its class; capped.
+    Population,
+    /// Anyone could produce it under the device's id (failed logins, connection floods).
+    Unkeyed,
+}
+
 /// The risk of one device.
 #[derive(Debug, Clone)]
 pub struct RiskState {
     keyed: f64,
+    population: f64,
     unkeyed: f64,
     updated_at_ms: i64,
     standing: Standing,
@@ -89,6 +110,7 @@ impl Default for RiskState {
     fn default() -> Self {
         Self {
             keyed: 0.0,
+            population: 0.0,
             unkeyed: 0.0,
             updated_at_ms: 0,
             standing: Standing::Active,
@@ -113,26 +135,35 @@ impl RiskState {
     pub fn risk(&self, now_ms: i64, config: &RiskConfig) -> f64 {
         let fade = self.fade(now_ms, config);
         combine(
-            self.keyed * fade,
+            combine(
+                self.keyed * fade,
+                (self.population * fade).min(config.population_cap),
+            ),
             (self.unkeyed * fade).min(config.unkeyed_cap),
         )
+    }
+
+    /// The risk that can cut the device off: keyed evidence, and population evidence up to
+    /// its cap.
+    fn keyed_risk(&self, config: &RiskConfig) -> f64 {
+        combine(self.keyed, self.population.min(config.population_cap))
     }
 
     /// Adds one piece of evidence and returns the new standing if it changed.
     pub fn add(
         &mut self,
         weight: f64,
-        keyed: bool,
+        basis: Basis,
         now_ms: i64,
         policy: Policy,
         config: &RiskConfig,
     ) -> Option<Standing> {
         self.decay_to(now_ms, config);
         let weight = weight.clamp(0.0, 1.0);
-        if keyed {
-            self.keyed = combine(self.keyed, weight);
-        } else {
-            self.unkeyed = combine(self.unkeyed, weight);
+        match basis {
+            Basis::Keyed => self.keyed = combine(self.keyed, weight),
+            Basis::Population => self.population = combine(self.population, weight),
+            Basis::Unkeyed => self.unkeyed = combine(self.unkeyed, weight),
         }
         self.reassess(now_ms, policy, config)
     }
@@ -145,10 +176,11 @@ impl RiskState {
         config: &RiskConfig,
     ) -> Option<Standing> {
         self.decay_to(now_ms, config);
-        let risk = combine(self.keyed, self.unkeyed.min(config.unkeyed_cap));
+        let keyed = self.keyed_risk(config);
+        let risk = combine(keyed, self.unkeyed.min(config.unkeyed_cap));
         let next = match self.standing {
             Standing::Quarantined => Standing::Quarantined,
-            _ if self.keyed >= config.quarantine_threshold => match policy {
+            _ if keyed >= config.quarantine_threshold => match policy {
                 Policy::CutOff => Standing::Quarantined,
                 Policy::AlertAndConfirm => Standing::AwaitingConfirmation,
             },
@@ -193,6 +225,7 @@ impl RiskState {
     fn decay_to(&mut self, now_ms: i64, config: &RiskConfig) {
         let fade = self.fade(now_ms, config);
         self.keyed *= fade;
+        self.population *= fade;
         self.unkeyed *= fade;
         self.updated_at_ms = self.updated_at_ms.max(now_ms);
     }
@@ -214,7 +247,7 @@ mod tests {
         let config = RiskConfig::default();
         let mut risk = RiskState::default();
         assert_eq!(
-            risk.add(0.9, true, 1_000, CUT_OFF, &config),
+            risk.add(0.9, Basis::Keyed, 1_000, CUT_OFF, &config),
             Some(Standing::Quarantined)
         );
     }
@@ -225,7 +258,7 @@ mod tests {
         let mut risk = RiskState::default();
         let mut standings = Vec::new();
         for i in 0..1000 {
-            if let Some(s) = risk.add(0.9, false, 1_000 + i, CUT_OFF, &config) {
+            if let Some(s) = risk.add(0.9, Basis::Unkeyed, 1_000 + i, CUT_OFF, &config) {
                 standings.push(s);
             }
         }
@@ -234,11 +267,29 @@ mod tests {
     }
 
     #[test]
+    fn being_unlike_the_fleet_alone_never_cuts_off_but_adds_to_other_evidence() {
+        let config = RiskConfig::default();
+        let mut risk = RiskState::default();
+        let mut standings = Vec::new();
+        for i in 0..100 {
+            if let Some(s) = risk.add(0.7, Basis::Population, 1_000 + i, CUT_OFF, &config) {
+                standings.push(s);
+            }
+        }
+        assert_eq!(standings, vec![Standing::Suspect]);
+        assert_eq!(
+            risk.add(0.45, Basis::Keyed, 2_000, CUT_OFF, &config),
+            Some(Standing::Quarantined),
+            "the device's own statistics agree"
+        );
+    }
+
+    #[test]
     fn suspicion_fades_with_hysteresis() {
         let config = RiskConfig::default();
         let mut risk = RiskState::default();
         assert_eq!(
-            risk.add(0.6, true, 0, CUT_OFF, &config),
+            risk.add(0.6, Basis::Keyed, 0, CUT_OFF, &config),
             Some(Standing::Suspect)
         );
         // One half-life later the risk is 0.3: above the release threshold, still suspect.
@@ -256,7 +307,7 @@ mod tests {
         let mut risk = RiskState::default();
         let policy = Policy::AlertAndConfirm;
         assert_eq!(
-            risk.add(0.95, true, 0, policy, &config),
+            risk.add(0.95, Basis::Keyed, 0, policy, &config),
             Some(Standing::AwaitingConfirmation)
         );
         risk.set_quarantined();
