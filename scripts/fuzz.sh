@@ -24,6 +24,11 @@ mkdir -p logs
 failed=0
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
+    # The example configuration files are the config target's first inputs.
+    if [ "$target" = config ]; then
+        cp ../deploy/vigil.toml "corpus/$target/example.toml"
+        cp ../deploy/container/vigil.toml "corpus/$target/container.toml"
+    fi
     log="logs/$target.log"
     status=ok
     if ! cargo "+$toolchain" fuzz run "$target" "corpus/$target" -- \

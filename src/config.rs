@@ -1,105 +1,25 @@
-//! The server's configuration: a TOML file (documented in `deploy/vigil.toml`) with command-line
-//! flags taking precedence.
+//! The server's configuration: a TOML file (documented in `deploy/vigil.toml`, its shape in
+//! `vigil-config`) with command-line flags taking precedence.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use serde::Deserialize;
-use vigil_detect::DetectConfig;
-use vigil_ingest::IngestConfig;
+use anyhow::bail;
 use vigil_store::StoreConfig;
 
-/// Everything `vigil run` needs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct VigilConfig {
-    /// Directory of the registry, write-ahead log, Parquet tables and admin token.
-    pub(crate) data_dir: PathBuf,
-    /// Address of the gRPC listener: device administration and Flight SQL.
-    pub(crate) grpc_listen: SocketAddr,
-    /// PEM certificate chain for TLS on the gRPC port; with `grpc_tls_key_path`, the port
-    /// speaks only TLS and clients connect with `https://`.
-    pub(crate) grpc_tls_cert_path: Option<PathBuf>,
-    /// PEM private key of the gRPC certificate.
-    pub(crate) grpc_tls_key_path: Option<PathBuf>,
-    /// Accept plaintext gRPC on a non-loopback address. Off by default: bearer tokens and query
-    /// results would cross the network in the clear.
-    pub(crate) grpc_allow_plaintext: bool,
-    /// Address of the HTTP listener: `/metrics` and `/healthz`.
-    pub(crate) http_listen: SocketAddr,
-    /// Ask for `Authorization: Bearer <token>` of a `metrics` or `admin` token on `/metrics`;
-    /// `/healthz` stays open.
-    pub(crate) metrics_require_token: bool,
-    /// Log format: `text` or `json`.
-    pub(crate) log_format: String,
-    /// The MQTT gateway and verifier.
-    pub(crate) ingest: IngestConfig,
-    /// The write-ahead log, hot tier and Parquet files.
-    pub(crate) store: StoreSettings,
-    /// Detection, risk, response policy per device class, and the fleet model.
-    pub(crate) detect: DetectConfig,
-}
+pub(crate) use vigil_config::VigilConfig;
 
-/// Storage settings as written in the file; the data directory comes from the top level.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct StoreSettings {
-    /// Roll to a new write-ahead log segment past this size, in bytes.
-    pub(crate) wal_segment_bytes: u64,
-    /// Most entries in one group commit (one fsync).
-    pub(crate) wal_max_group_entries: usize,
-    /// Entries queued for the write-ahead log before devices are slowed down.
-    pub(crate) queue_capacity: usize,
-    /// Flush recent readings to Parquet when the oldest is this old, in milliseconds.
-    pub(crate) flush_interval_ms: u64,
-    /// ... or when this many rows are held in memory.
-    pub(crate) flush_max_rows: usize,
-}
-
-impl Default for StoreSettings {
-    fn default() -> Self {
-        let defaults = StoreConfig::default();
-        Self {
-            wal_segment_bytes: defaults.wal_segment_bytes,
-            wal_max_group_entries: defaults.wal_max_group_entries,
-            queue_capacity: defaults.queue_capacity,
-            flush_interval_ms: defaults.flush_interval_ms,
-            flush_max_rows: defaults.flush_max_rows,
-        }
-    }
-}
-
-impl Default for VigilConfig {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("./vigil-data"),
-            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            grpc_tls_cert_path: None,
-            grpc_tls_key_path: None,
-            grpc_allow_plaintext: false,
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            metrics_require_token: false,
-            log_format: "text".to_owned(),
-            ingest: IngestConfig::default(),
-            store: StoreSettings::default(),
-            detect: DetectConfig::default(),
-        }
-    }
-}
-
-impl VigilConfig {
-    /// Reads a TOML file; missing fields take their defaults, unknown fields are refused.
-    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
-    }
-
+/// What the server needs of its configuration beyond its shape.
+pub(crate) trait ServerConfig {
     /// The TLS configuration of the gRPC port, from its PEM files; `None` for plaintext, which
     /// is refused on a non-loopback address unless `grpc_allow_plaintext` is set.
-    pub(crate) fn grpc_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    fn grpc_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>>;
+
+    /// The store's configuration, with the data directory filled in.
+    fn store_config(&self) -> StoreConfig;
+}
+
+impl ServerConfig for VigilConfig {
+    fn grpc_tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
         match (&self.grpc_tls_cert_path, &self.grpc_tls_key_path) {
             (Some(cert), Some(key)) => crate::grpc_tls::server_config(cert, key).map(Some),
             (None, None) if !self.grpc_listen.ip().is_loopback() && !self.grpc_allow_plaintext => {
@@ -115,8 +35,7 @@ impl VigilConfig {
         }
     }
 
-    /// The store's configuration, with the data directory filled in.
-    pub(crate) fn store_config(&self) -> StoreConfig {
+    fn store_config(&self) -> StoreConfig {
         StoreConfig {
             data_dir: self.data_dir.clone(),
             wal_segment_bytes: self.store.wal_segment_bytes,
@@ -130,6 +49,8 @@ impl VigilConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -203,7 +124,7 @@ mod tests {
 
     #[test]
     fn grpc_tls_settings_are_checked() {
-        let config = |text: &str| toml::from_str::<VigilConfig>(text).unwrap();
+        let config = |text: &str| VigilConfig::parse(text).unwrap();
 
         assert!(config("").grpc_tls().unwrap().is_none());
         let open = config("grpc_listen = \"0.0.0.0:50051\"").grpc_tls();
@@ -224,8 +145,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_refused() {
-        assert!(toml::from_str::<VigilConfig>("mqtt_port = 1").is_err());
-        assert!(toml::from_str::<VigilConfig>("[ingest]\nmax_payload = 1").is_err());
+    fn the_file_defaults_are_the_stores_defaults() {
+        let config = VigilConfig::default();
+        let from_file = config.store_config();
+        let store = StoreConfig::default();
+        assert_eq!(from_file.wal_segment_bytes, store.wal_segment_bytes);
+        assert_eq!(from_file.wal_max_group_entries, store.wal_max_group_entries);
+        assert_eq!(from_file.queue_capacity, store.queue_capacity);
+        assert_eq!(from_file.flush_interval_ms, store.flush_interval_ms);
+        assert_eq!(from_file.flush_max_rows, store.flush_max_rows);
     }
 }

@@ -33,7 +33,7 @@ use vigil_store::Store;
 
 use crate::admin::AdminService;
 use crate::auth::{AuthLayer, Authenticator};
-use crate::config::VigilConfig;
+use crate::config::{ServerConfig as _, VigilConfig};
 use crate::metrics::AccessMetrics;
 use crate::tokens::TokenStore;
 

@@ -14,7 +14,10 @@
 //!   device, against a fast average of recent changes. A body changes smoothly at the pace of
 //!   its own noise; synthetic values that merely stay in a plausible range (a stolen key
 //!   sending made-up vitals) jump about far more than the patient's own signal did.
-//! - **Rate**: readings per one-second bucket against the device's own learnt rate.
+//! - **Rate**: readings per one-second bucket of sampling time against the device's own learnt
+//!   rate. Sampling time, not arrival: a device that uploads its backlog after a network outage
+//!   sends fast but samples at its usual pace, and is not a flood; an attacker who spaces out
+//!   fake sampling times runs into the server's clock-skew bound within seconds.
 //! - **Clock offset**: server receive time minus device sampling time. A device's offset is
 //!   stable (network delay plus its clock error); a jump means another clock signs readings.
 

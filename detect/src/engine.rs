@@ -312,12 +312,12 @@ impl Worker {
                 )],
             });
         }
-        if let Some((rate, usual)) = state.rate.update(reading.received_at_ms, &config.baseline) {
+        if let Some((rate, usual)) = state.rate.update(reading.sampled_at_ms, &config.baseline) {
             findings.push(Weighed {
                 detector: "stats.rate",
                 weight: 0.5,
                 basis: Basis::Keyed,
-                summary: format!("{rate:.0} readings in one second, usually {usual:.1}"),
+                summary: format!("{rate:.0} readings sampled in one second, usually {usual:.1}"),
                 evidence: vec![evidence(
                     "readings_per_s",
                     rate,

@@ -25,8 +25,11 @@ use ntex::io::{FilterBuf, FilterLayer};
 /// Announced but unclaimed publishes kept at most; older ones are forgotten.
 const MAX_UNCLAIMED: usize = 4096;
 
-/// Longest wait for earlier publishes that never reach their handler (a connection that is
-/// being closed drops them).
+/// Longest wait for earlier publishes that have not reached their handler (a connection that
+/// is being closed drops them). An earlier publish whose handler has claimed its number is
+/// waited for without a limit: its handler gives its place up in bounded time (it queues its
+/// reading or sheds it within the overload deadline), and going on without it would let a later
+/// reading overtake it.
 const MAX_ORDER_WAIT: Duration = Duration::from_secs(2);
 
 /// MQTT control packet type of PUBLISH.
@@ -43,6 +46,8 @@ pub struct ArrivalOrder {
     finished: RefCell<BTreeSet<u64>>,
     lost_framing: Cell<bool>,
     changed: tokio::sync::Notify,
+    /// [`MAX_ORDER_WAIT`] unless a test shortens it.
+    unclaimed_wait: Cell<Option<Duration>>,
 }
 
 impl ArrivalOrder {
@@ -67,6 +72,11 @@ impl ArrivalOrder {
         let mut unclaimed = self.unclaimed.borrow_mut();
         let found = unclaimed.iter().position(|(_, id)| *id == packet_id);
         let number = found.and_then(|index| unclaimed.remove(index).map(|(number, _)| number));
+        drop(unclaimed);
+        if number.is_some() {
+            // Later publishes waiting on this one now wait without a limit.
+            self.changed.notify_waiters();
+        }
         Ticket {
             order: self.clone(),
             number,
@@ -94,26 +104,34 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Waits until every earlier publish of the connection has finished, or until
-    /// [`MAX_ORDER_WAIT`] has passed.
+    /// Waits until every earlier publish of the connection has finished, or until an earlier
+    /// one has stayed unclaimed by any handler for [`MAX_ORDER_WAIT`].
     pub async fn turn(&self) {
         let Some(number) = self.number else {
             return;
         };
-        let wait = async {
-            loop {
-                let changed = self.order.changed.notified();
-                if self.order.finished_below.get() >= number || self.order.lost_framing.get() {
-                    return;
-                }
-                changed.await;
+        let limit = self.order.unclaimed_wait.get().unwrap_or(MAX_ORDER_WAIT);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.order.changed.notified();
+            if self.order.finished_below.get() >= number || self.order.lost_framing.get() {
+                return;
             }
-        };
-        if tokio::time::timeout(MAX_ORDER_WAIT, wait).await.is_err() {
-            tracing::debug!(
-                arrival = number,
-                "earlier publishes did not reach their handlers; going on"
-            );
+            let earlier_unclaimed = self
+                .order
+                .unclaimed
+                .borrow()
+                .front()
+                .is_some_and(|(earliest, _)| *earliest < number);
+            if !earlier_unclaimed {
+                changed.await;
+            } else if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::debug!(
+                    arrival = number,
+                    "earlier publishes did not reach their handlers; going on"
+                );
+                return;
+            }
         }
     }
 }
@@ -404,6 +422,79 @@ mod tests {
         }
         local.await;
         assert_eq!(*finished.borrow(), vec![1, 2, 3]);
+    }
+
+    /// The limit on waiting for unclaimed publishes, shortened for the tests.
+    const SHORT_WAIT: Duration = Duration::from_millis(100);
+
+    #[tokio::test]
+    async fn a_claimed_earlier_publish_is_waited_for_however_long_it_takes() {
+        let scanner = ArrivalScanner::default();
+        scanner.order().unclaimed_wait.set(Some(SHORT_WAIT));
+        for id in 1..=2u16 {
+            scanner.scan(&publish("t", 1, id, b"x"));
+        }
+        let order = scanner.order();
+        let first = order.claim(NonZeroU16::new(1));
+        let second = order.claim(NonZeroU16::new(2));
+
+        let local = tokio::task::LocalSet::new();
+        let waited = local.spawn_local(async move {
+            let started = tokio::time::Instant::now();
+            second.turn().await;
+            started.elapsed()
+        });
+        local
+            .run_until(async move {
+                // The first handler holds its place well past MAX_ORDER_WAIT (a reading
+                // waiting for room under overload).
+                tokio::time::sleep(SHORT_WAIT * 3).await;
+                drop(first);
+                let waited = waited.await.unwrap();
+                assert!(waited >= SHORT_WAIT * 3, "went on after {waited:?}");
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn an_earlier_publish_no_handler_claims_is_given_up_after_the_limit() {
+        let scanner = ArrivalScanner::default();
+        scanner.order().unclaimed_wait.set(Some(SHORT_WAIT));
+        for id in 1..=2u16 {
+            scanner.scan(&publish("t", 1, id, b"x"));
+        }
+        let order = scanner.order();
+        let second = order.claim(NonZeroU16::new(2));
+        let started = tokio::time::Instant::now();
+        second.turn().await;
+        assert!(started.elapsed() >= SHORT_WAIT);
+    }
+
+    #[tokio::test]
+    async fn a_late_claim_lifts_the_limit() {
+        let scanner = ArrivalScanner::default();
+        scanner.order().unclaimed_wait.set(Some(SHORT_WAIT));
+        for id in 1..=2u16 {
+            scanner.scan(&publish("t", 1, id, b"x"));
+        }
+        let order = scanner.order();
+        let second = order.claim(NonZeroU16::new(2));
+        let local = tokio::task::LocalSet::new();
+        let waited = local.spawn_local(async move {
+            let started = tokio::time::Instant::now();
+            second.turn().await;
+            started.elapsed()
+        });
+        local
+            .run_until(async move {
+                tokio::time::sleep(SHORT_WAIT / 2).await;
+                let first = order.claim(NonZeroU16::new(1));
+                tokio::time::sleep(SHORT_WAIT * 2).await;
+                drop(first);
+                let waited = waited.await.unwrap();
+                assert!(waited >= SHORT_WAIT * 2, "went on after {waited:?}");
+            })
+            .await;
     }
 
     #[tokio::test]

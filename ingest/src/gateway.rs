@@ -6,9 +6,10 @@
 //! a key, queued on the device's verifier shard, and acknowledged only once the write-ahead log
 //! has the reading or its refusal. A full verifier queue stops this connection's handler, and
 //! with it the reading of further packets: back-pressure reaches the device. A reading that
-//! finds no room within `overload_wait_ms` is shed (see [`crate::overload`]): v5 devices get
-//! PUBACK 0x97, v3.1.1 devices lose the connection without a PUBACK and re-send after
-//! reconnecting, and new logins are refused as "server unavailable" for a while.
+//! finds no room within `overload_wait_ms` is shed (see [`crate::overload`]), and so is every
+//! later one of its connection: v5 devices get PUBACK 0x97 for each and then DISCONNECT 0x97,
+//! v3.1.1 devices lose the connection without a PUBACK; either re-sends after reconnecting, in
+//! order. New logins are refused as "server unavailable" for a while.
 //!
 //! Connections run on ntex worker threads (their sinks are not `Send`); everything shared
 //! across connections lives in [`GatewayContext`].
@@ -111,7 +112,7 @@ struct DeviceSession {
     /// Set once a reading of this connection was shed: every later one is shed too, so that
     /// nothing published after a shed reading is stored before it is sent again.
     shed: Rc<Cell<bool>>,
-    _registration: Rc<Registration>,
+    registration: Rc<Registration>,
 }
 
 /// Removes the session from the table when the connection's state is dropped, however the
@@ -137,10 +138,8 @@ enum Outcome {
     Accepted,
     Refused(RefusalReason),
     Failed,
-    /// Shed for overload; `first` for the first shed reading of the connection.
-    Shed {
-        first: bool,
-    },
+    /// Shed for overload.
+    Shed,
 }
 
 /// Either version's sink, to send a notice and close a session from its own thread.
@@ -231,7 +230,7 @@ impl GatewayContext {
             notices_topic: notices,
             order,
             shed: Rc::default(),
-            _registration: Rc::new(Registration {
+            registration: Rc::new(Registration {
                 context: self.clone(),
                 device_id: device.id.clone(),
                 generation,
@@ -279,7 +278,7 @@ impl GatewayContext {
         let deadline = Instant::now() + self.pending.wait();
         if session.shed.get() {
             self.metrics.refused(RefusalReason::Overloaded);
-            return Outcome::Shed { first: false };
+            return Outcome::Shed;
         }
         if topic != &*session.readings_topic {
             drop(ticket);
@@ -354,15 +353,28 @@ impl GatewayContext {
     }
 
     /// A reading that found no room in time: counted as refused for overload, not stored, and
-    /// every later reading of the connection is shed too. Nothing is recorded in
-    /// `rejections`: the log is what cannot keep up.
+    /// every later reading of the connection is shed too, so that none is stored before this
+    /// one is sent again; the session is closed shortly after, once the refusals are out.
+    /// Nothing is recorded in `rejections`: the log is what cannot keep up.
     fn shed(&self, session: &DeviceSession) -> Outcome {
         self.metrics.refused(RefusalReason::Overloaded);
-        session.shed.set(true);
-        tracing::debug!(device_id = %session.device.id, "reading shed for overload");
-        Outcome::Shed { first: true }
+        if !session.shed.replace(true) {
+            tracing::debug!(device_id = %session.device.id, "readings shed for overload");
+            let sessions = self.sessions.clone();
+            let device_id = session.device.id.clone();
+            let generation = session.registration.generation;
+            ntex::rt::spawn(async move {
+                ntex::time::sleep(SHED_CLOSE_DELAY).await;
+                sessions.close_generation(&device_id, generation, CloseOrder::Overloaded);
+            });
+        }
+        Outcome::Shed
     }
 }
+
+/// Time between a connection's first shed reading and its close: its later readings in flight
+/// are answered meanwhile (they are shed at once), and the answers leave before the close.
+const SHED_CLOSE_DELAY: Millis = Millis(250);
 
 /// Longest wait for a device to acknowledge its quarantine notice before the close.
 const NOTICE_ACK_WAIT: Millis = Millis(250);
@@ -402,9 +414,15 @@ async fn close_on_order(
         tracing::debug!(acknowledged, "quarantine notice sent");
     }
 
-    match sink {
-        SessionSink::V3(sink) => sink.close(),
-        SessionSink::V5(sink) => sink.close(),
+    match (sink, order) {
+        (SessionSink::V5(sink), CloseOrder::Overloaded) => {
+            sink.close_with_reason(v5::codec::Disconnect {
+                reason_code: v5::codec::DisconnectReasonCode::QuotaExceeded,
+                ..v5::codec::Disconnect::default()
+            });
+        }
+        (SessionSink::V3(sink), _) => sink.close(),
+        (SessionSink::V5(sink), _) => sink.close(),
     }
 }
 
@@ -527,7 +545,7 @@ async fn publish_v3(
         Outcome::Failed => Err(GatewayError::StorageUnavailable),
         // Shed: no PUBACK either (an acknowledgement would tell a v3.1.1 device that the
         // reading was delivered); the device re-sends after reconnecting.
-        Outcome::Shed { .. } => Err(GatewayError::Overloaded),
+        Outcome::Shed => Err(GatewayError::Overloaded),
     }
 }
 
@@ -552,11 +570,7 @@ async fn publish_v5(
     let code = match outcome {
         Outcome::Accepted => return Ok(publish.ack()),
         Outcome::Refused(reason) => reason.v5_code(),
-        Outcome::Failed | Outcome::Shed { first: true } => RefusalReason::Overloaded.v5_code(),
-        // The device was told 0x97 for an earlier reading; the readings it published after
-        // that one are not acknowledged at all, and the connection closes, so that it
-        // re-sends them after the shed one once it reconnects.
-        Outcome::Shed { first: false } => return Err(GatewayError::Overloaded),
+        Outcome::Failed | Outcome::Shed => RefusalReason::Overloaded.v5_code(),
     };
     let reason = v5::codec::PublishAckReason::try_from(code)
         .unwrap_or(v5::codec::PublishAckReason::UnspecifiedError);

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
 use vigil_detect::ObservationSender;
 use vigil_store::{RecoveredState, WalSender};
 
@@ -77,80 +76,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Settings of the MQTT gateway and the verifier.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IngestConfig {
-    /// Address of the MQTT listener (v3.1.1 and v5 on one port).
-    pub mqtt_listen: SocketAddr,
-    /// PEM certificate chain for MQTT over TLS; with `tls_key_path`, enables `mqtt_tls_listen`.
-    pub tls_cert_path: Option<PathBuf>,
-    /// PEM private key of the certificate.
-    pub tls_key_path: Option<PathBuf>,
-    /// Address of the MQTT over TLS listener, used when a certificate is configured.
-    pub mqtt_tls_listen: SocketAddr,
-    /// Accept plaintext MQTT on a non-loopback address. Off by default: login tokens and
-    /// readings would cross the network in the clear.
-    pub allow_plaintext: bool,
-    /// Largest accepted reading payload, in bytes; larger ones are refused as `oversized`.
-    pub max_payload_bytes: usize,
-    /// Seconds a new connection has to send its CONNECT before it is dropped.
-    pub connect_timeout_s: u16,
-    /// Longest keep-alive granted to a device, in seconds.
-    pub max_keep_alive_s: u16,
-    /// Unacknowledged QoS 1 publishes allowed per connection (the MQTT receive maximum).
-    pub max_inflight_per_device: u16,
-    /// Longest lifetime a login token may claim, in seconds from now.
-    pub max_token_lifetime_s: u64,
-    /// Largest allowed distance between a reading's sampling time and the server clock, in ms.
-    pub max_clock_skew_ms: i64,
-    /// Largest allowed jump of `seq` above the highest stored one.
-    pub max_seq_jump: u64,
-    /// Verifier threads; 0 means one per CPU core.
-    pub verifier_threads: usize,
-    /// Most signatures verified in one batch.
-    pub verifier_max_batch: usize,
-    /// Readings queued per verifier thread before devices are slowed down.
-    pub verifier_queue_capacity: usize,
-    /// MQTT worker threads; 0 means one per CPU core.
-    pub mqtt_workers: usize,
-    /// Most bytes held for readings whose PUBACK is not decided yet (payload plus a fixed
-    /// overhead each), across all devices: the server's memory bound for readings in flight.
-    pub max_pending_bytes: usize,
-    /// Longest a reading waits for room (its share of `max_pending_bytes`, a verifier queue
-    /// slot) before it is shed as `overloaded`; new logins are refused as "server unavailable"
-    /// for as long again after the last shed reading.
-    pub overload_wait_ms: u64,
-    /// Most concurrent MQTT connections (plain and TLS together); beyond it, new connections
-    /// wait in the listen backlog.
-    pub max_connections: usize,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            tls_cert_path: None,
-            tls_key_path: None,
-            mqtt_tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
-            allow_plaintext: false,
-            max_payload_bytes: 4096,
-            connect_timeout_s: 5,
-            max_keep_alive_s: 300,
-            max_inflight_per_device: 32,
-            max_token_lifetime_s: 900,
-            max_clock_skew_ms: 300_000,
-            max_seq_jump: 1_000_000,
-            verifier_threads: 0,
-            verifier_max_batch: 512,
-            verifier_queue_capacity: 8192,
-            mqtt_workers: 0,
-            max_pending_bytes: 64 << 20,
-            overload_wait_ms: 5_000,
-            max_connections: 20_000,
-        }
-    }
-}
+pub use vigil_config::IngestConfig;
 
 /// The running ingest side.
 #[derive(Debug)]

@@ -22,6 +22,9 @@ pub enum CloseOrder {
     Replaced,
     /// The device was quarantined; a notice goes out first where possible.
     Quarantined { reason: String },
+    /// The server shed this session's readings; v5 sessions get DISCONNECT 0x97 "quota
+    /// exceeded", and the device re-sends after reconnecting.
+    Overloaded,
 }
 
 #[derive(Debug)]
@@ -73,6 +76,19 @@ impl SessionTable {
             Some(session) => session.close.send(order).is_ok(),
             None => false,
         }
+    }
+
+    /// Closes the device's live session only if it is still the one of `generation`.
+    pub fn close_generation(&self, device_id: &str, generation: u64, order: CloseOrder) -> bool {
+        let mut live = self.live.lock();
+        if live
+            .get(device_id)
+            .is_some_and(|session| session.generation == generation)
+            && let Some(session) = live.remove(device_id)
+        {
+            return session.close.send(order).is_ok();
+        }
+        false
     }
 
     pub fn len(&self) -> usize {

@@ -345,7 +345,18 @@ async fn a_stalled_disk_holds_devices_back_and_memory_stays_bounded() {
     let Some(disk) = SlowDisk::create(dir.path()) else {
         return;
     };
-    let server = Server::start_with(&disk.mount.join("data"), &[]);
+    // Devices publish in bursts here, which the detector would rightly call a flood; and the
+    // stall is held short of the shedding deadline: this test is about holding back.
+    let config = dir.path().join("patient.toml");
+    std::fs::write(
+        &config,
+        "[ingest]\noverload_wait_ms = 600000\n[detect]\ndefault_policy = \"alert_and_confirm\"\n",
+    )
+    .unwrap();
+    let server = Server::start_with(
+        &disk.mount.join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
     const DEVICES: usize = 100;
     const READINGS: u64 = 200;
     let devices: Vec<TestDevice> = (0..DEVICES)
@@ -414,6 +425,8 @@ async fn a_stalled_disk_holds_devices_back_and_memory_stays_bounded() {
 struct V5Outcome {
     acknowledged: BTreeSet<u64>,
     shed: BTreeSet<u64>,
+    /// Told DISCONNECT 0x97 after its shed readings.
+    disconnected: bool,
 }
 
 fn v5_options(device: &TestDevice, server: &Server) -> V5Options {
@@ -461,8 +474,14 @@ async fn push_v5(
     let mut outcome = V5Outcome::default();
     let mut in_flight: HashMap<u16, u64> = HashMap::new();
     let mut next_seq = 1;
-    while ((outcome.acknowledged.len() + outcome.shed.len()) as u64) < readings {
-        match events.poll().await {
+    // Until every reading is answered and, once some were shed, the server has closed.
+    while ((outcome.acknowledged.len() + outcome.shed.len()) as u64) < readings
+        || !outcome.shed.is_empty()
+    {
+        let Ok(event) = tokio::time::timeout(Duration::from_secs(30), events.poll()).await else {
+            panic!("{}: nothing from the server for 30 s", device.id);
+        };
+        match event {
             Ok(V5Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                 in_flight.insert(pkid, next_seq);
                 next_seq += 1;
@@ -477,8 +496,22 @@ async fn push_v5(
                     other => panic!("{} seq {seq}: unexpected PUBACK {other:?}", device.id),
                 };
             }
+            // rumqttc reports the server's DISCONNECT as an error carrying its reason.
+            Err(V5ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => {
+                assert_eq!(
+                    reason_code,
+                    rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::QuotaExceeded,
+                    "{}: the server's reason for closing",
+                    device.id
+                );
+                outcome.disconnected = true;
+                break;
+            }
             Ok(_) => {}
-            // Closed by the server after a shed reading: what is still in flight is the
+            // Closed by the server after shed readings: what is still unanswered is the
             // device's to send again.
             Err(_) => break,
         }
@@ -514,7 +547,10 @@ async fn a_long_stall_sheds_load_with_a_reason_within_the_memory_bound_and_recov
     let config = dir.path().join("bounded.toml");
     std::fs::write(
         &config,
-        format!("[ingest]\nmax_pending_bytes = {LIMIT_BYTES}\noverload_wait_ms = 1500\n"),
+        format!(
+            "[ingest]\nmax_pending_bytes = {LIMIT_BYTES}\noverload_wait_ms = 1500\n\
+             [detect]\ndefault_policy = \"alert_and_confirm\"\n"
+        ),
     )
     .unwrap();
     let server = Server::start_with(
@@ -590,8 +626,19 @@ async fn a_long_stall_sheds_load_with_a_reason_within_the_memory_bound_and_recov
     disk.unthrottle();
     let mut acknowledged = BTreeSet::new();
     let mut shed = BTreeSet::new();
+    let mut disconnected = 0;
     for (device, outcome) in devices.iter().zip(fleet) {
         let outcome = outcome.await.unwrap();
+        if !outcome.shed.is_empty() {
+            // Nothing acknowledged after the first shed reading of a connection.
+            let first_shed = outcome.shed.first().unwrap();
+            assert!(
+                outcome.acknowledged.range(first_shed..).next().is_none(),
+                "{}: acknowledged after shed seq {first_shed}",
+                device.id
+            );
+            disconnected += usize::from(outcome.disconnected);
+        }
         acknowledged.extend(
             outcome
                 .acknowledged
@@ -602,7 +649,8 @@ async fn a_long_stall_sheds_load_with_a_reason_within_the_memory_bound_and_recov
     }
     peak_kib = peak_kib.max(resident_kib(pid));
     eprintln!(
-        "long stall: {DEVICES} devices, {} readings acknowledged, {} shed with 0x97; \
+        "long stall: {DEVICES} devices, {} readings acknowledged, {} shed with 0x97, \
+         {disconnected} devices told DISCONNECT 0x97; \
          max_pending_bytes {LIMIT_BYTES}, peak pending {peak_pending} bytes; server resident \
          memory {} MiB before, peak {} MiB (+{} MiB)",
         acknowledged.len(),
@@ -612,6 +660,10 @@ async fn a_long_stall_sheds_load_with_a_reason_within_the_memory_bound_and_recov
         peak_kib.saturating_sub(before_kib) / 1024
     );
     assert!(!shed.is_empty(), "readings were shed with PUBACK 0x97");
+    assert!(
+        disconnected > 0,
+        "devices whose readings were shed were told DISCONNECT 0x97"
+    );
     assert!(
         peak_pending <= LIMIT_BYTES as f64,
         "held {peak_pending} bytes for readings in flight, over the bound"
