@@ -43,6 +43,8 @@ impl ServerConfig for VigilConfig {
             queue_capacity: self.store.queue_capacity,
             flush_interval_ms: self.store.flush_interval_ms,
             flush_max_rows: self.store.flush_max_rows,
+            shared_dir: (self.cluster.role != vigil_config::Role::All)
+                .then(|| self.cluster.shared_dir.clone()),
         }
     }
 }

@@ -6,6 +6,7 @@
 mod admin;
 mod auth;
 mod client;
+mod cluster;
 mod config;
 mod demo;
 mod drill;
@@ -154,6 +155,16 @@ struct RunArgs {
     grpc_listen: Option<SocketAddr>,
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// The stages to run: all (one process, no Kafka), or in a cluster gateway, store or
+    /// detect (see the config's [cluster] section).
+    #[arg(long)]
+    role: Option<vigil_config::Role>,
+    /// Kafka bootstrap servers of the cluster, host:port[,host:port...].
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The tables directory shared by the cluster's nodes.
+    #[arg(long)]
+    shared_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -281,7 +292,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(address) = args.http_listen {
         config.http_listen = address;
     }
+    if let Some(role) = args.role {
+        config.cluster.role = role;
+    }
+    if let Some(brokers) = args.brokers {
+        config.cluster.brokers = brokers;
+    }
+    if let Some(shared_dir) = args.shared_dir {
+        config.cluster.shared_dir = shared_dir;
+    }
     init_logging(&config.log_format, "info");
+
+    let role = config.cluster.role;
+    if role != vigil_config::Role::All {
+        prepare_cluster(&mut config).await?;
+    }
+    if matches!(role, vigil_config::Role::Store | vigil_config::Role::Detect) {
+        let worker = cluster::RunningWorker::start(&config).await?;
+        tracing::info!(
+            role = role.as_str(),
+            grpc = %worker.grpc_address,
+            http = %worker.http_address,
+            brokers = config.cluster.brokers,
+            shared_dir = %config.cluster.shared_dir.display(),
+            "vigil worker is running"
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        worker.stop().await;
+        return Ok(());
+    }
 
     let server = RunningServer::start(&config).await?;
     tracing::info!(
@@ -295,6 +335,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.stop().await;
+    Ok(())
+}
+
+/// What every cluster role needs first: the data and shared directories as absolute paths
+/// (SQL reads Parquet files by absolute location), and the topics.
+async fn prepare_cluster(config: &mut VigilConfig) -> anyhow::Result<()> {
+    for dir in [&mut config.data_dir, &mut config.cluster.shared_dir] {
+        std::fs::create_dir_all(&*dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        *dir = std::fs::canonicalize(&*dir)
+            .with_context(|| format!("cannot resolve directory {}", dir.display()))?;
+    }
+    vigil_cluster::ensure_topics(&config.cluster)
+        .await
+        .context("cannot reach Kafka or create the cluster's topics")?;
     Ok(())
 }
 

@@ -21,6 +21,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use vigil_cluster::metrics::ClusterMetrics;
+use vigil_cluster::publisher::{EventForwarder, ReadingPublisher};
+use vigil_cluster::registry::{RegistryReplication, StatusTarget};
+use vigil_config::Role;
 use vigil_detect::alerts::AlertLog;
 use vigil_detect::fleet::FleetModel;
 use vigil_detect::service::SocService;
@@ -52,6 +56,30 @@ pub(crate) struct RunningServer {
     pub(crate) http_address: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    cluster: ClusterParts,
+}
+
+/// What a cluster gateway runs besides the stages of one process.
+#[derive(Debug, Default)]
+struct ClusterParts {
+    publisher: Option<ReadingPublisher>,
+    forwarder: Option<EventForwarder>,
+    replication: Option<RegistryReplication>,
+}
+
+impl ClusterParts {
+    /// After the gateway has stopped taking readings: what is queued goes to Kafka first.
+    fn stop(self) {
+        if let Some(publisher) = self.publisher {
+            publisher.stop();
+        }
+        if let Some(forwarder) = self.forwarder {
+            forwarder.stop();
+        }
+        if let Some(replication) = self.replication {
+            replication.stop();
+        }
+    }
 }
 
 impl RunningServer {
@@ -90,26 +118,60 @@ impl RunningServer {
             "store opened"
         );
 
+        // A cluster gateway hands accepted readings to Kafka instead of the local WAL, and
+        // security events to the events topic instead of a local detector.
+        let gateway = config.cluster.role == Role::Gateway;
+        let cluster_metrics = ClusterMetrics::default();
+        let mut cluster = ClusterParts::default();
+        let (wal, recovered) = if gateway {
+            let (wal, log) = vigil_store::shared::external_log(config.store.queue_capacity);
+            cluster.publisher = Some(
+                ReadingPublisher::start(&config.cluster, log, cluster_metrics.clone())
+                    .context("cannot start the Kafka publisher")?,
+            );
+            (wal, vigil_store::RecoveredState::default())
+        } else {
+            (store.wal_sender(), recovered)
+        };
         let (observations, observed) = observation_queue(config.detect.queue_capacity);
+        let observed = if gateway {
+            cluster.forwarder = Some(
+                EventForwarder::start(&config.cluster, observed, cluster_metrics.clone())
+                    .context("cannot start the Kafka events forwarder")?,
+            );
+            // The gateway's detector sees nothing: detect workers do the detecting.
+            observation_queue(1).1
+        } else {
+            observed
+        };
         let ingest = Arc::new(
             Ingest::start(
                 &config.ingest,
                 &config.data_dir,
                 recovered,
-                store.wal_sender(),
+                wal,
                 observations.clone(),
             )
             .context("cannot start the MQTT gateway")?,
         );
-        let alerts = AlertLog::open(&config.data_dir, config.detect.max_alerts_in_memory)
-            .context("cannot open the alert log")?;
+        if gateway {
+            let target = Arc::new(GatewayResponder {
+                ingest: ingest.clone(),
+            });
+            cluster.replication = Some(
+                RegistryReplication::start(
+                    &config.cluster,
+                    "gateway",
+                    target,
+                    cluster_metrics.clone(),
+                )
+                .context("cannot follow the cluster's device registry")?,
+            );
+        }
         let responder = Arc::new(GatewayResponder {
             ingest: ingest.clone(),
         });
-        let detector = Arc::new(
-            Detector::start(config.detect.clone(), alerts.clone(), observed, responder)
-                .context("cannot start the detector")?,
-        );
+        let (alerts, detector) = start_detector(config, observed, responder)?;
 
         let (registry, risks) = (ingest.registry.clone(), detector.clone());
         store.set_devices_source(Arc::new(move || devices_batch(&registry, &risks)));
@@ -121,6 +183,9 @@ impl RunningServer {
         store.register_metrics(&mut metrics);
         detector.metrics.register(&mut metrics);
         access_metrics.register(&mut metrics);
+        if gateway {
+            cluster_metrics.register(&mut metrics);
+        }
 
         let grpc_tls = config.grpc_tls()?;
         let (stop, stopped) = watch::channel(false);
@@ -156,6 +221,9 @@ impl RunningServer {
             config.detect.fleet.clone(),
             wait_for_stop(stopped.clone()),
         ));
+        if gateway {
+            retrain.abort();
+        }
         let http = tokio::spawn(async move {
             let served = crate::http::serve(
                 http_listener,
@@ -184,6 +252,7 @@ impl RunningServer {
             http_address,
             stop,
             tasks: vec![grpc, http, retrain],
+            cluster,
         })
     }
 
@@ -195,15 +264,30 @@ impl RunningServer {
         for task in self.tasks {
             let _ = task.await;
         }
+        let cluster = self.cluster;
+        let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         tracing::info!("server stopped");
     }
 }
 
-async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
+pub(crate) async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
     // An error means the sender is gone, which also means stop.
     let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Opens the alert log of the data directory and starts the detector over `observed`.
+pub(crate) fn start_detector(
+    config: &VigilConfig,
+    observed: vigil_detect::events::ObservationReceiver,
+    responder: Arc<dyn Responder>,
+) -> anyhow::Result<(AlertLog, Arc<Detector>)> {
+    let alerts = AlertLog::open(&config.data_dir, config.detect.max_alerts_in_memory)
+        .context("cannot open the alert log")?;
+    let detector = Detector::start(config.detect.clone(), alerts.clone(), observed, responder)
+        .context("cannot start the detector")?;
+    Ok((alerts, Arc::new(detector)))
 }
 
 /// The services of the gRPC port.
@@ -290,9 +374,31 @@ impl Responder for GatewayResponder {
     }
 }
 
+/// A gateway takes on statuses decided elsewhere in the cluster as an operator's would be:
+/// a quarantine closes the device's session.
+impl StatusTarget for GatewayResponder {
+    fn registry(&self) -> &DeviceRegistry {
+        &self.ingest.registry
+    }
+
+    fn apply_status(&self, device_id: &str, status: DeviceStatus) {
+        let applied = match status {
+            DeviceStatus::Quarantined => self
+                .ingest
+                .quarantine(device_id, "quarantined by the cluster")
+                .map(drop),
+            DeviceStatus::Active => self.ingest.release(device_id).map(drop),
+            DeviceStatus::Suspect => self.ingest.set_suspect(device_id, true),
+        };
+        if let Err(error) = applied {
+            tracing::error!(device_id, %error, "cannot take on a device status from the cluster");
+        }
+    }
+}
+
 /// Retrains the fleet model from stored history on a schedule, from the readings of devices
 /// that are `active`. The first training waits for enough history (one interval).
-async fn retrain_fleet_model(
+pub(crate) async fn retrain_fleet_model(
     store: Store,
     detector: Arc<Detector>,
     config: vigil_detect::fleet::FleetConfig,
@@ -363,7 +469,7 @@ pub(crate) async fn train_fleet_model(
 }
 
 /// The `alerts` table, built from the alert log at query time.
-fn alerts_batch(log: &AlertLog) -> RecordBatch {
+pub(crate) fn alerts_batch(log: &AlertLog) -> RecordBatch {
     let alerts = log.all();
     let text = |f: &dyn Fn(&vigil_detect::alerts::Alert) -> String| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(alerts.iter().map(f)))
@@ -395,7 +501,7 @@ fn alerts_batch(log: &AlertLog) -> RecordBatch {
 }
 
 /// The `devices` table, built from the registry at query time.
-fn devices_batch(registry: &DeviceRegistry, detector: &Detector) -> RecordBatch {
+pub(crate) fn devices_batch(registry: &DeviceRegistry, detector: &Detector) -> RecordBatch {
     let devices = registry.list();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(

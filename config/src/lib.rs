@@ -55,6 +55,98 @@ pub struct VigilConfig {
     pub store: StoreSettings,
     /// Detection, risk, response policy per device class, and the fleet model.
     pub detect: DetectConfig,
+    /// Which stages this process runs, and the Kafka cluster that joins them.
+    pub cluster: ClusterConfig,
+}
+
+/// The stages a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every stage in one process, joined by in-process queues; no Kafka.
+    #[default]
+    All,
+    /// MQTT, logins, ACL and verification; accepted readings and security events go to Kafka.
+    Gateway,
+    /// Consumes readings from Kafka into Parquet files in the shared tables directory.
+    Store,
+    /// Consumes readings and security events from Kafka into the detectors.
+    Detect,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Gateway => "gateway",
+            Role::Store => "store",
+            Role::Detect => "detect",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "all" => Ok(Role::All),
+            "gateway" => Ok(Role::Gateway),
+            "store" => Ok(Role::Store),
+            "detect" => Ok(Role::Detect),
+            other => Err(format!(
+                "unknown role `{other}`: expected all, gateway, store or detect"
+            )),
+        }
+    }
+}
+
+/// How the processes of a cluster find each other. Unused by `role = "all"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub role: Role,
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Prefix of the topic names (`<prefix>readings`, `<prefix>events`, `<prefix>devices`)
+    /// and of the consumer group names.
+    pub topic_prefix: String,
+    /// Partitions of the readings and events topics when vigil creates them: the most store
+    /// or detect workers that can share the work.
+    pub partitions: i32,
+    /// Replication factor of the topics vigil creates.
+    pub replication_factor: i32,
+    /// The tables directory shared by every node (a shared file system mount): store workers
+    /// write Parquet files into it, and every node's SQL reads it.
+    pub shared_dir: PathBuf,
+    /// A store worker writes its buffered readings to a Parquet file when the oldest is this
+    /// old, in milliseconds: how long until a reading is visible to SQL.
+    pub flush_interval_ms: u64,
+    /// ... or when it buffers this many readings.
+    pub flush_max_readings: usize,
+    /// How often local changes of the device registry (enrollments, quarantines) are
+    /// published to the devices topic, in milliseconds.
+    pub registry_publish_ms: u64,
+    /// Longest a gateway waits for Kafka to take a reading before it gives up on it (the
+    /// device gets no PUBACK and sends it again), in milliseconds.
+    pub produce_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::All,
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic_prefix: "vigil.".to_owned(),
+            partitions: 12,
+            replication_factor: 1,
+            shared_dir: PathBuf::from("./vigil-shared"),
+            flush_interval_ms: 1_000,
+            flush_max_readings: 100_000,
+            registry_publish_ms: 100,
+            produce_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Storage settings as written in the file; the data directory comes from the top level.
@@ -99,6 +191,7 @@ impl Default for VigilConfig {
             ingest: IngestConfig::default(),
             store: StoreSettings::default(),
             detect: DetectConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -66,6 +66,30 @@ impl EventKind {
         }
     }
 
+    /// Every kind, for parsing names back.
+    pub const ALL: [EventKind; 15] = [
+        EventKind::LoginAccepted,
+        EventKind::LoginRefused,
+        EventKind::SessionReplaced,
+        EventKind::BadSignature,
+        EventKind::Replay,
+        EventKind::SeqJumpTooFar,
+        EventKind::TopicNotAllowed,
+        EventKind::SubscribeRefused,
+        EventKind::Malformed,
+        EventKind::Oversized,
+        EventKind::NoMeasurement,
+        EventKind::DeviceMismatch,
+        EventKind::ImplausibleTime,
+        EventKind::QuarantinedPublish,
+        EventKind::Overloaded,
+    ];
+
+    /// The kind named `name` (as [`EventKind::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     /// Whether the event can only come from inside the device's authenticated session, that
     /// is, from someone holding the device's key. Only such evidence may cut a device off:
     /// anyone can fail a login under a device's id.
@@ -140,6 +164,13 @@ impl ObservationSender {
             .is_ok()
     }
 
+    /// Queues an observation, waiting for room as long as it takes: for a feeder that can
+    /// itself wait (a Kafka consumer), so that nothing is skipped. Returns whether it was
+    /// queued (`false` once the detector has stopped).
+    pub fn send_blocking(&self, observation: Observation) -> bool {
+        self.queue.send(observation).is_ok()
+    }
+
     /// A security event, stamped with the current time.
     pub fn security(&self, device_id: &str, kind: EventKind, peer: &Arc<str>) {
         self.send(Observation::Security(SecurityEvent {
@@ -170,6 +201,20 @@ impl ObservationSender {
 pub struct ObservationReceiver {
     pub(crate) queue: Receiver<Observation>,
     pub(crate) skipped: Arc<AtomicU64>,
+}
+
+impl ObservationReceiver {
+    /// The next observation, waiting up to `timeout`; `None` when none came or every sender
+    /// is gone. For a process that passes observations on instead of detecting (a cluster
+    /// gateway).
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Observation> {
+        self.queue.recv_timeout(timeout).ok()
+    }
+
+    /// Observations skipped because the queue was full, since start.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
 }
 
 /// A bounded queue of observations with room for `capacity` of them.

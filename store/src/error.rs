@@ -66,6 +66,13 @@ pub enum StoreError {
         /// Why it is refused.
         reason: String,
     },
+    /// The log that makes entries durable in place of the local WAL (Kafka, in a cluster)
+    /// did not take them.
+    #[error("the durable log did not take the entry: {reason}")]
+    LogUnavailable {
+        /// What the log reported.
+        reason: String,
+    },
     /// The store has been shut down (or its writer thread has stopped).
     #[error("store is shut down")]
     Shutdown,

@@ -207,7 +207,7 @@ pub fn parquet_properties() -> WriterProperties {
 }
 
 /// Writes `batch` to `dir/name` atomically and durably.
-fn write_parquet(dir: &Path, name: &str, batch: &RecordBatch) -> Result<ParquetFile> {
+pub(crate) fn write_parquet(dir: &Path, name: &str, batch: &RecordBatch) -> Result<ParquetFile> {
     std::fs::create_dir_all(dir).map_err(StoreError::io("create partition directory", dir))?;
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));

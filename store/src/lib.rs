@@ -26,6 +26,7 @@ mod flight;
 mod flush;
 mod guard;
 mod metrics;
+pub mod shared;
 mod tables;
 pub mod wal;
 #[cfg(test)]
@@ -61,6 +62,9 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// ... or when it holds this many rows (rows).
     pub flush_max_rows: usize,
+    /// In a cluster, the tables directory that store workers write Parquet files into;
+    /// `readings` and `rejections` then also read every file under it.
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -72,6 +76,7 @@ impl Default for StoreConfig {
             queue_capacity: 16384,
             flush_interval_ms: 60_000,
             flush_max_rows: 500_000,
+            shared_dir: None,
         }
     }
 }
@@ -160,6 +165,7 @@ pub(crate) struct Shared {
     pub(crate) tables_dir: PathBuf,
     pub(crate) flush_interval: Duration,
     pub(crate) flush_max_rows: usize,
+    pub(crate) shared_dir: Option<PathBuf>,
     pub(crate) catalog: Arc<RwLock<Catalog>>,
     /// Live replay-guard state of the durable readings (updated by the writer).
     pub(crate) guard: Arc<Mutex<GuardState>>,
@@ -352,6 +358,7 @@ impl Store {
             tables_dir,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
             flush_max_rows: config.flush_max_rows,
+            shared_dir: config.shared_dir.clone(),
             catalog: Arc::new(RwLock::new(catalog)),
             guard: Arc::new(Mutex::new(guard)),
             failed_groups: Arc::new(AtomicU64::new(0)),
@@ -435,7 +442,11 @@ impl Store {
         let config = SessionConfig::new().with_information_schema(true);
         let context = SessionContext::new_with_config(config);
         for kind in TableKind::ALL {
-            let table = StoreTable::new(kind, self.shared.catalog.clone());
+            let table = StoreTable::new(
+                kind,
+                self.shared.catalog.clone(),
+                self.shared.shared_dir.clone(),
+            );
             context.register_table(kind.name(), Arc::new(table))?;
         }
         let devices = SourceTable::new(

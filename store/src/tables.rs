@@ -11,6 +11,7 @@
 //! - Nothing here is durable by itself: restart rebuilds `active` from the WAL and the file
 //!   list from the `tables/` directory and the replay-guard snapshot.
 
+use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -323,12 +324,60 @@ impl Catalog {
 pub(crate) struct StoreTable {
     kind: TableKind,
     catalog: Arc<RwLock<Catalog>>,
+    /// A cluster's shared tables directory: its files are listed at each scan.
+    shared_dir: Option<PathBuf>,
 }
 
 impl StoreTable {
-    pub(crate) fn new(kind: TableKind, catalog: Arc<RwLock<Catalog>>) -> Self {
-        Self { kind, catalog }
+    pub(crate) fn new(
+        kind: TableKind,
+        catalog: Arc<RwLock<Catalog>>,
+        shared_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            kind,
+            catalog,
+            shared_dir,
+        }
     }
+}
+
+/// The complete Parquet files of one table under a shared tables directory (temporary files
+/// of writes under way end in `.tmp` and are skipped). A missing directory holds none.
+fn list_shared_files(
+    shared_dir: &std::path::Path,
+    kind: TableKind,
+) -> datafusion::error::Result<Vec<ParquetFile>> {
+    let dir = shared_dir.join(kind.name());
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => {
+            return Err(DataFusionError::Execution(format!(
+                "cannot list {}: {error}",
+                dir.display()
+            )));
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path
+            .extension()
+            .is_none_or(|extension| extension != "parquet")
+        {
+            continue;
+        }
+        // A file deleted between listing and stat is simply not part of this scan.
+        if let Ok(metadata) = entry.metadata() {
+            files.push(ParquetFile {
+                path,
+                size: metadata.len(),
+            });
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
 }
 
 #[async_trait]
@@ -360,6 +409,10 @@ impl TableProvider for StoreTable {
                 .collect();
             (hot, table.files.clone())
         };
+        let mut files = files;
+        if let Some(shared_dir) = &self.shared_dir {
+            files.extend(list_shared_files(shared_dir, self.kind)?);
+        }
         let schema = self.kind.schema();
         let partitions = state.config().target_partitions().max(1);
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();

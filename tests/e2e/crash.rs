@@ -52,11 +52,11 @@ const WINDOW: usize = 8;
 /// Readings a device keeps while they wait for a PUBACK; beyond it, it samples nothing new.
 const MAX_BACKLOG: usize = 256;
 /// Measurements per reading, so rows per reading in `readings`.
-const MEASUREMENTS: i64 = 2;
+pub(crate) const MEASUREMENTS: i64 = 2;
 /// Share of the fleet that must be connected again before the next kill is scheduled.
 const RECONNECTED_SHARE: f64 = 0.9;
 /// Guard (never an assertion on speed): how long the devices may take to drain at the end.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 struct CrashSettings {
     cycles: usize,
@@ -87,10 +87,10 @@ impl CrashSettings {
 
 /// What the whole fleet shares with the test driver.
 #[derive(Default)]
-struct FleetState {
-    stopping: AtomicBool,
-    connected: AtomicUsize,
-    drain_deadline: Mutex<Option<Instant>>,
+pub(crate) struct FleetState {
+    pub(crate) stopping: AtomicBool,
+    pub(crate) connected: AtomicUsize,
+    pub(crate) drain_deadline: Mutex<Option<Instant>>,
 }
 
 impl FleetState {
@@ -101,27 +101,27 @@ impl FleetState {
 }
 
 /// One device's readings waiting for a PUBACK, shared by its sampler and its session.
-struct Backlog {
-    unacked: Mutex<BTreeMap<u64, Vec<u8>>>,
-    wake: Notify,
+pub(crate) struct Backlog {
+    pub(crate) unacked: Mutex<BTreeMap<u64, Vec<u8>>>,
+    pub(crate) wake: Notify,
 }
 
 /// What one device saw.
 #[derive(Debug, Default)]
-struct DeviceLog {
-    device_id: String,
+pub(crate) struct DeviceLog {
+    pub(crate) device_id: String,
     /// Seqs whose PUBACK arrived, in arrival order.
-    acked: Vec<u64>,
+    pub(crate) acked: Vec<u64>,
     /// Highest seq sampled (so the highest that can possibly be stored).
-    highest_sampled: u64,
+    pub(crate) highest_sampled: u64,
     /// Readings handed to a connection again after a reconnect.
     resent: u64,
     /// Readings still unacknowledged when the device stopped.
-    left_unacked: usize,
+    pub(crate) left_unacked: usize,
 }
 
 /// Samples a reading every period into the backlog until the fleet stops.
-async fn sample(
+pub(crate) async fn sample(
     device: Arc<TestDevice>,
     backlog: Arc<Backlog>,
     fleet: Arc<FleetState>,
@@ -155,7 +155,7 @@ enum SessionEnd {
 }
 
 /// Connects, re-sends, publishes and counts PUBACKs until the backlog is drained at the end.
-async fn run_device(
+pub(crate) async fn run_device(
     device: Arc<TestDevice>,
     mqtt: std::net::SocketAddr,
     backlog: Arc<Backlog>,
@@ -330,7 +330,7 @@ fn on_event(
 }
 
 /// `true` when the server refuses the device's login as not authorized.
-async fn login_refused(device: &TestDevice, server: &Server) -> bool {
+pub(crate) async fn login_refused(device: &TestDevice, server: &Server) -> bool {
     matches!(
         V3Device::connect(device, server.mqtt).await,
         Err(ConnectionError::ConnectionRefused(
@@ -349,7 +349,7 @@ fn strings(column: &dyn Array) -> Vec<String> {
 }
 
 /// Rows stored per (device_id, seq).
-async fn stored_rows(server: &Server) -> HashMap<(String, u64), i64> {
+pub(crate) async fn stored_rows(server: &Server) -> HashMap<(String, u64), i64> {
     let query = "SELECT device_id, seq, count(*) AS n FROM readings GROUP BY device_id, seq";
     let mut rows = HashMap::new();
     for batch in server.sql(query).await {

@@ -4,8 +4,15 @@
 //! carries; the ports, paths, user and command agree between the example config, the container
 //! config, the Dockerfile, compose and Kubernetes; the systemd unit keeps its hardening. Where
 //! `systemd-analyze` and `promtool` are installed they check the unit and the Prometheus files
-//! as well. (That the container and Kubernetes configs load with the server's own config loader
-//! is tested beside the loader, in `src/config.rs`.)
+//! as well. (That the one-node container and Kubernetes configs load with the server's own config
+//! loader is tested beside the loader, in `src/config.rs`.)
+//!
+//! The cluster files are checked the same way, and for what makes a cluster: each role's config
+//! loads with the server's loader and names its role, the three share their Kafka and shared
+//! tables directory; compose runs Kafka with a health check the nodes wait for, two nodes of
+//! each role, each with a data volume of its own and all with the shared one; Kubernetes runs
+//! a StatefulSet of two replicas per role, every pod on the ReadWriteMany claim, the devices'
+//! load balancer in front of the gateways only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,6 +25,7 @@ use prost::Message;
 use rumqttc::QoS;
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
+use vigil_config::{Role, VigilConfig};
 use vigil_proto::sign_reading;
 
 use crate::support::{BIN, Server, TestDevice, V3Device, http_get, wait_for};
@@ -163,6 +171,152 @@ fn the_container_config_uses_the_default_ports_and_serves_the_network() {
     }
     // Plaintext MQTT on the network would carry login tokens in the clear.
     assert!(container.mqtt.ip().is_loopback());
+}
+
+/// The roles of a cluster, each with its config beside the one-node container config.
+const ROLES: [Role; 3] = [Role::Gateway, Role::Store, Role::Detect];
+
+fn role_config_file(role: Role) -> String {
+    format!("deploy/container/{}.toml", role.as_str())
+}
+
+/// Every config a container runs: one node's and each cluster role's.
+fn container_config_files() -> Vec<String> {
+    let mut files = vec!["deploy/container/vigil.toml".to_owned()];
+    files.extend(ROLES.map(role_config_file));
+    files
+}
+
+/// A config file of the repository, through the server's own loader (unknown fields refused).
+fn load_config(relative: &str) -> VigilConfig {
+    VigilConfig::load(&repo_path(relative)).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Whether the server opens its gRPC port with this config: on a non-loopback address only with
+/// a certificate or `grpc_allow_plaintext` (`ServerConfig::grpc_tls` in `src/config.rs`).
+fn grpc_starts(config: &VigilConfig) -> bool {
+    match (&config.grpc_tls_cert_path, &config.grpc_tls_key_path) {
+        (Some(_), Some(_)) => true,
+        (None, None) => config.grpc_listen.ip().is_loopback() || config.grpc_allow_plaintext,
+        _ => false,
+    }
+}
+
+#[test]
+fn every_container_config_loads_and_opens_the_same_ports() {
+    let one_node = container_config();
+    for relative in container_config_files() {
+        let config = load_config(&relative);
+        assert!(
+            grpc_starts(&config),
+            "{relative}: the server refuses plaintext gRPC on {} without grpc_allow_plaintext",
+            config.grpc_listen
+        );
+        // What every container shares: the image's volume, the listeners, JSON logs.
+        let table = toml_file(&relative);
+        for key in [
+            "data_dir",
+            "grpc_listen",
+            "grpc_allow_plaintext",
+            "http_listen",
+            "log_format",
+        ] {
+            assert_eq!(table.get(key), one_node.get(key), "{relative}: {key}");
+        }
+    }
+}
+
+#[test]
+fn the_cluster_configs_name_their_role_and_share_kafka_and_the_tables() {
+    let one_node = container_config();
+    let mut sections: Vec<(String, toml::Table)> = Vec::new();
+    for role in ROLES {
+        let relative = role_config_file(role);
+        let config = load_config(&relative);
+        let cluster = &config.cluster;
+        assert_eq!(cluster.role, role, "{relative}");
+        assert!(
+            cluster.shared_dir.is_absolute(),
+            "{relative}: shared_dir is the mount point of the shared volume"
+        );
+        assert!(
+            !cluster.shared_dir.starts_with(&config.data_dir)
+                && !config.data_dir.starts_with(&cluster.shared_dir),
+            "{relative}: the node's own data and the shared tables are separate volumes"
+        );
+        for broker in cluster.brokers.split(',') {
+            let (host, port) = broker
+                .rsplit_once(':')
+                .unwrap_or_else(|| panic!("{relative}: broker {broker} is not host:port"));
+            assert!(
+                !host.is_empty() && port.parse::<u16>().is_ok(),
+                "{relative}: broker {broker}"
+            );
+        }
+        assert!(cluster.replication_factor >= 1, "{relative}");
+
+        // The gateways take the devices as one node does; the workers take no devices.
+        let table = toml_file(&relative);
+        if role == Role::Gateway {
+            assert_eq!(table.get("ingest"), one_node.get("ingest"), "{relative}");
+        } else {
+            assert!(
+                table.get("ingest").is_none(),
+                "{relative}: a worker has no MQTT listener to configure"
+            );
+        }
+        let mut section = table["cluster"]
+            .as_table()
+            .unwrap_or_else(|| panic!("{relative}: no [cluster] table"))
+            .clone();
+        assert_eq!(
+            section
+                .remove("role")
+                .as_ref()
+                .and_then(toml::Value::as_str),
+            Some(role.as_str()),
+            "{relative}: the role is set in the file"
+        );
+        sections.push((relative, section));
+    }
+    let (first, first_section) = &sections[0];
+    for (relative, section) in &sections[1..] {
+        assert_eq!(
+            section, first_section,
+            "{relative} and {first}: [cluster] differs beyond the role"
+        );
+    }
+
+    // The image holds the shared directory's mount point, owned by the server's user: a new
+    // named volume mounted there takes that owner, and the server can write to it.
+    let shared_dir = load_config(first).cluster.shared_dir;
+    let shared_dir = shared_dir.to_str().unwrap();
+    let uid = image_user();
+    let commands: Vec<String> = final_stage()
+        .iter()
+        .filter(|(keyword, _)| keyword == "RUN")
+        .flat_map(|(_, arguments)| {
+            arguments
+                .split("&&")
+                .map(|command| command.trim().to_owned())
+        })
+        .collect();
+    let user = commands
+        .iter()
+        .find(|command| {
+            command.starts_with("useradd") && command.contains(&format!("--uid {uid} "))
+        })
+        .and_then(|command| command.split_whitespace().last())
+        .expect("useradd of the image's user");
+    assert!(
+        commands.iter().any(|command| {
+            command.starts_with("install -d")
+                && command.split_whitespace().any(|word| word == shared_dir)
+                && (command.contains(&format!("-o {user} "))
+                    || command.contains(&format!("-o {uid} ")))
+        }),
+        "the image does not make {shared_dir} for user {user}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,9 +611,21 @@ fn compose_runs_the_image_with_its_ports_data_and_certificate() {
     assert!(nofile > DEVICE_CONNECTIONS, "nofile {nofile}");
 }
 
-#[test]
-fn compose_mounts_the_prometheus_and_grafana_files_where_they_are_looked_for() {
-    let compose = yaml("deploy/compose/single-node.yml");
+/// A compose file with its `<<: *anchor` merge keys applied.
+fn compose_file(relative: &str) -> Yaml {
+    let mut compose = yaml(relative);
+    compose
+        .apply_merge()
+        .unwrap_or_else(|error| panic!("{relative}: {error}"));
+    compose
+}
+
+/// The Prometheus and Grafana of a compose file: every file it mounts from the repository
+/// exists, Prometheus reads `prometheus_config` and the rule files it names from its mounts,
+/// Grafana its datasource and dashboard. Returns the hosts the `vigil` scrape job scrapes, each
+/// a service of the file on vigil's HTTP port.
+fn assert_monitoring(relative: &str, prometheus_config: &str) -> BTreeSet<String> {
+    let compose = compose_file(relative);
     let services = compose["services"].as_mapping().unwrap();
     let prometheus = &compose["services"]["prometheus"];
     let grafana = &compose["services"]["grafana"];
@@ -486,9 +652,10 @@ fn compose_mounts_the_prometheus_and_grafana_files_where_they_are_looked_for() {
         .expect("--config.file");
     assert_eq!(
         compose_source(&prometheus_mounts[config_flag]),
-        "deploy/prometheus/prometheus.yml"
+        prometheus_config,
+        "{relative}"
     );
-    let config = yaml("deploy/prometheus/prometheus.yml");
+    let config = yaml(prometheus_config);
     for rule_file in sequence(&config, &["rule_files"]) {
         let rule_file = rule_file.as_str().unwrap();
         let target = Path::new(config_flag).parent().unwrap().join(rule_file);
@@ -506,10 +673,17 @@ fn compose_mounts_the_prometheus_and_grafana_files_where_they_are_looked_for() {
         .iter()
         .find(|job| text(job, &["job_name"]) == "vigil")
         .expect("a vigil job");
-    for target in sequence(&vigil_job["static_configs"][0], &["targets"]) {
-        let (host, port) = host_and_port(target.as_str().unwrap());
-        assert!(services.contains_key(host.as_str()), "no service {host}");
-        assert_eq!(port, http_port);
+    let mut scraped = BTreeSet::new();
+    for static_config in sequence(vigil_job, &["static_configs"]) {
+        for target in sequence(static_config, &["targets"]) {
+            let (host, port) = host_and_port(target.as_str().unwrap());
+            assert!(services.contains_key(host.as_str()), "no service {host}");
+            assert_eq!(port, http_port);
+            assert!(
+                scraped.insert(host),
+                "{prometheus_config}: a target repeats"
+            );
+        }
     }
 
     // Grafana's datasource is the Prometheus service, and its dashboard folder holds the
@@ -543,6 +717,16 @@ fn compose_mounts_the_prometheus_and_grafana_files_where_they_are_looked_for() {
         folder,
         "the dashboard is mounted outside the provisioned folder"
     );
+    scraped
+}
+
+#[test]
+fn compose_mounts_the_prometheus_and_grafana_files_where_they_are_looked_for() {
+    let scraped = assert_monitoring(
+        "deploy/compose/single-node.yml",
+        "deploy/prometheus/prometheus.yml",
+    );
+    assert_eq!(scraped, BTreeSet::from(["vigil".to_owned()]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1228,6 +1412,592 @@ fn the_kubernetes_node_runs_the_image_with_its_config_data_and_certificate() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The cluster: compose with a Kafka of its own, Kubernetes around a Kafka the cluster brings.
+
+/// `[ip:]host:container` port mappings of a compose service, as (host ip, host port, container
+/// port).
+fn port_mappings(service: &Yaml) -> Vec<(Option<String>, u16, u16)> {
+    if service.get("ports").is_none() {
+        return Vec::new();
+    }
+    sequence(service, &["ports"])
+        .iter()
+        .map(|mapping| {
+            let mapping = mapping.as_str().expect("ports as strings");
+            let port = |text: &str| -> u16 {
+                text.parse()
+                    .unwrap_or_else(|_| panic!("port mapping {mapping}"))
+            };
+            match mapping.split(':').collect::<Vec<_>>().as_slice() {
+                [host, container] => (None, port(host), port(container)),
+                [ip, host, container] => (Some((*ip).to_owned()), port(host), port(container)),
+                _ => panic!("port mapping {mapping}"),
+            }
+        })
+        .collect()
+}
+
+/// The one Kafka address of the role configs.
+fn cluster_brokers() -> String {
+    let brokers: BTreeSet<String> = ROLES
+        .iter()
+        .map(|role| load_config(&role_config_file(*role)).cluster.brokers)
+        .collect();
+    assert_eq!(
+        brokers.len(),
+        1,
+        "the roles know different Kafkas: {brokers:?}"
+    );
+    brokers.into_iter().next().unwrap()
+}
+
+#[test]
+fn compose_runs_two_nodes_of_each_role_around_kafka_and_one_shared_volume() {
+    let compose = compose_file("deploy/compose/cluster.yml");
+    let single_node = compose_file("deploy/compose/single-node.yml");
+    let image = text(&single_node["services"]["vigil"], &["image"]);
+    let command = image_command();
+    let config_path = command.last().unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    let declared: BTreeSet<&str> = compose["volumes"]
+        .as_mapping()
+        .expect("named volumes")
+        .keys()
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    let named_volume = |source: &str| declared.contains(source);
+    let brokers = cluster_brokers();
+    let (kafka_host, kafka_port) = host_and_port(&brokers);
+
+    let mut nodes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut data_volumes = BTreeSet::new();
+    let mut shared_volumes = BTreeSet::new();
+    let mut host_ports = BTreeSet::new();
+    let mut partitions = BTreeSet::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let ports = port_mappings(service);
+        for (_, host, _) in &ports {
+            assert!(host_ports.insert(*host), "host port {host} published twice");
+        }
+        if service["image"].as_str() != Some(image) {
+            continue;
+        }
+
+        // The image, with its command, reading its role's config.
+        assert_eq!(text(service, &["build", "dockerfile"]), "deploy/Dockerfile");
+        assert_eq!(compose_source(text(service, &["build", "context"])), "");
+        assert!(
+            service.get("command").is_none(),
+            "{name}: the image's command"
+        );
+        let mounts = mounts(service);
+        let config_file = compose_source(
+            mounts
+                .get(config_path.as_str())
+                .unwrap_or_else(|| panic!("{name}: no config at {config_path}")),
+        );
+        let config = load_config(&config_file);
+        let role = config.cluster.role;
+        assert_eq!(config_file, role_config_file(role), "{name}");
+        assert!(
+            name.starts_with(role.as_str()),
+            "{name} runs the {} role",
+            role.as_str()
+        );
+        nodes
+            .entry(role.as_str())
+            .or_default()
+            .push(name.to_owned());
+        partitions.insert(config.cluster.partitions);
+
+        // A data volume of its own, and the one shared volume.
+        let data_dir = config.data_dir.to_str().unwrap();
+        let data = mounts
+            .get(data_dir)
+            .unwrap_or_else(|| panic!("{name}: nothing mounted at {data_dir}"));
+        assert!(
+            named_volume(data.as_str()),
+            "{name}: {data_dir} is not a named volume"
+        );
+        assert!(
+            data_volumes.insert(data.clone()),
+            "{name}: data volume {data} shared with another node"
+        );
+        let shared_dir = config.cluster.shared_dir.to_str().unwrap();
+        let shared = mounts
+            .get(shared_dir)
+            .unwrap_or_else(|| panic!("{name}: the shared tables ({shared_dir}) are not mounted"));
+        assert!(
+            named_volume(shared.as_str()),
+            "{name}: {shared_dir} is not a named volume"
+        );
+        shared_volumes.insert(shared.clone());
+
+        // Kafka first: every node checks, or creates, the topics as it starts.
+        assert_eq!(
+            service["depends_on"][kafka_host.as_str()]["condition"].as_str(),
+            Some("service_healthy"),
+            "{name} does not wait for Kafka's health check"
+        );
+
+        // Devices reach the gateways over TLS; everything else stays on the host's loopback.
+        for (ip, host, container) in &ports {
+            if role == Role::Gateway && *container == config.ingest.mqtt_tls_listen.port() {
+                continue;
+            }
+            assert_eq!(
+                ip.as_deref(),
+                Some("127.0.0.1"),
+                "{name}: port {host} has no TLS: the host's loopback only"
+            );
+        }
+        let published_container_ports: BTreeSet<u16> =
+            ports.iter().map(|(_, _, container)| *container).collect();
+        match role {
+            Role::Gateway => {
+                assert!(
+                    published_container_ports.contains(&config.ingest.mqtt_tls_listen.port()),
+                    "{name}: devices cannot reach it"
+                );
+                for path in [&config.ingest.tls_cert_path, &config.ingest.tls_key_path] {
+                    let path = path.as_ref().expect("a gateway takes MQTT over TLS");
+                    let directory = parent_dir(path.to_str().unwrap());
+                    assert!(
+                        mounts.contains_key(&directory),
+                        "{name}: nothing mounted at {directory}"
+                    );
+                }
+                let nofile = service["ulimits"]["nofile"]["soft"].as_u64().unwrap();
+                assert!(nofile > DEVICE_CONNECTIONS, "{name}: nofile {nofile}");
+            }
+            // The SOC follows every detect worker: each keeps the alerts it raises.
+            Role::Detect => assert!(
+                published_container_ports.contains(&config.grpc_listen.port()),
+                "{name}: the SOC cannot reach its alerts"
+            ),
+            _ => {}
+        }
+    }
+    let roles: BTreeSet<&str> = nodes.keys().copied().collect();
+    assert_eq!(roles, ROLES.map(Role::as_str).into());
+    for (role, names) in &nodes {
+        assert_eq!(names.len(), 2, "{role} nodes: {names:?}");
+    }
+    assert_eq!(
+        shared_volumes.len(),
+        1,
+        "every node mounts the same shared volume: {shared_volumes:?}"
+    );
+    assert!(data_volumes.is_disjoint(&shared_volumes));
+    let partitions = partitions.into_iter().next().unwrap();
+    for role in ["store", "detect"] {
+        assert!(
+            partitions >= nodes[role].len() as i32,
+            "{role} workers beyond the {partitions} partitions would idle"
+        );
+    }
+
+    // Kafka: one KRaft node that answers at the configs' brokers address, its log on a named
+    // volume, with the health check the nodes wait for.
+    let kafka = &compose["services"][kafka_host.as_str()];
+    assert!(kafka.is_mapping(), "no service {kafka_host}");
+    assert!(text(kafka, &["image"]).starts_with("apache/kafka:"));
+    let environment = |key: &str| text(kafka, &["environment", key]);
+    let process_roles: BTreeSet<&str> = environment("KAFKA_PROCESS_ROLES").split(',').collect();
+    assert_eq!(
+        process_roles,
+        ["broker", "controller"].into(),
+        "KRaft, one node"
+    );
+    assert!(!environment("KAFKA_CONTROLLER_QUORUM_VOTERS").is_empty());
+    assert!(!environment("CLUSTER_ID").is_empty());
+    assert!(
+        environment("KAFKA_ADVERTISED_LISTENERS")
+            .split(',')
+            .any(|listener| listener.ends_with(&format!("://{brokers}"))),
+        "Kafka does not advertise {brokers}"
+    );
+    assert!(
+        environment("KAFKA_LISTENERS")
+            .split(',')
+            .any(|listener| listener.ends_with(&format!(":{kafka_port}"))),
+        "Kafka does not listen on {kafka_port}"
+    );
+    // One broker: one replica of everything.
+    assert_eq!(environment("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"), "1");
+    for role in ROLES {
+        let config = load_config(&role_config_file(role));
+        assert_eq!(config.cluster.replication_factor, 1, "one broker");
+    }
+    let log_dir = environment("KAFKA_LOG_DIRS");
+    assert!(
+        mounts(kafka)
+            .get(log_dir)
+            .is_some_and(|source| named_volume(source.as_str())),
+        "Kafka's log ({log_dir}) is not on a named volume"
+    );
+    let check: Vec<&str> = sequence(kafka, &["healthcheck", "test"])
+        .iter()
+        .map(|part| part.as_str().unwrap())
+        .collect();
+    assert!(
+        check
+            .iter()
+            .any(|part| part.ends_with(&format!(":{kafka_port}"))),
+        "Kafka's health check does not ask its port: {check:?}"
+    );
+
+    // Prometheus scrapes every node; Grafana is the one of one node.
+    let scraped = assert_monitoring(
+        "deploy/compose/cluster.yml",
+        "deploy/prometheus/prometheus-cluster.yml",
+    );
+    let all_nodes: BTreeSet<String> = nodes.values().flatten().cloned().collect();
+    assert_eq!(scraped, all_nodes, "Prometheus scrapes every node");
+    assert_eq!(
+        mounts(&compose["services"]["grafana"]),
+        mounts(&single_node["services"]["grafana"])
+    );
+}
+
+fn kubernetes_cluster() -> Vec<Yaml> {
+    let kustomization = yaml("deploy/k8s/cluster/kustomization.yaml");
+    sequence(&kustomization, &["resources"])
+        .iter()
+        .flat_map(|file| yaml_documents(&format!("deploy/k8s/cluster/{}", file.as_str().unwrap())))
+        .collect()
+}
+
+/// One role's StatefulSet, as the services see it.
+#[derive(Debug)]
+struct RolePods {
+    pod_labels: Yaml,
+    /// Container port numbers by name.
+    ports: BTreeMap<String, u16>,
+    config: VigilConfig,
+}
+
+#[test]
+fn the_kubernetes_cluster_runs_each_role_as_a_statefulset_on_the_shared_claim() {
+    let objects = kubernetes_cluster();
+    // The namespace of one node (deploy/k8s/namespace.yaml), made beforehand.
+    assert_eq!(
+        text(
+            &yaml("deploy/k8s/cluster/kustomization.yaml"),
+            &["namespace"]
+        ),
+        text(&yaml("deploy/k8s/namespace.yaml"), &["metadata", "name"])
+    );
+
+    let claims = of_kind(&objects, "PersistentVolumeClaim");
+    assert_eq!(claims.len(), 1, "one claim, for the shared tables");
+    let shared_claim = claims[0];
+    assert!(
+        sequence(shared_claim, &["spec", "accessModes"])
+            .iter()
+            .any(|mode| mode.as_str() == Some("ReadWriteMany")),
+        "every pod of every role mounts the shared tables at once"
+    );
+    let shared_claim_name = text(shared_claim, &["metadata", "name"]);
+    let config_maps = of_kind(&objects, "ConfigMap");
+    let services = of_kind(&objects, "Service");
+
+    let statefulsets = of_kind(&objects, "StatefulSet");
+    assert_eq!(statefulsets.len(), ROLES.len());
+    let command = image_command();
+    let mut roles: BTreeMap<&str, RolePods> = BTreeMap::new();
+    for statefulset in &statefulsets {
+        let name = text(statefulset, &["metadata", "name"]);
+        let spec = &statefulset["spec"];
+        assert_eq!(spec["replicas"].as_u64(), Some(2), "{name}");
+        let pod = &spec["template"]["spec"];
+        let pod_labels = &spec["template"]["metadata"]["labels"];
+        assert!(
+            selects(&spec["selector"]["matchLabels"], pod_labels),
+            "{name}"
+        );
+        let containers = sequence(pod, &["containers"]);
+        assert_eq!(containers.len(), 1, "{name}");
+        let container = &containers[0];
+
+        // The image's command and user, unprivileged.
+        let container_command: Vec<&str> = sequence(container, &["command"])
+            .iter()
+            .map(|part| part.as_str().unwrap())
+            .collect();
+        assert_eq!(container_command, command, "{name}");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+        assert_eq!(
+            pod["securityContext"]["runAsUser"].as_u64(),
+            Some(image_user()),
+            "{name}"
+        );
+        let security = &container["securityContext"];
+        assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false));
+        assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true));
+
+        // The role's config, from the ConfigMap, where the command reads it.
+        let mounts: BTreeMap<&str, &Yaml> = sequence(container, &["volumeMounts"])
+            .iter()
+            .map(|mount| (text(mount, &["mountPath"]), mount))
+            .collect();
+        let volumes: BTreeMap<&str, &Yaml> = sequence(pod, &["volumes"])
+            .iter()
+            .map(|volume| (text(volume, &["name"]), volume))
+            .collect();
+        let volume_at = |path: &str| -> &Yaml {
+            let mount = mounts
+                .get(path)
+                .unwrap_or_else(|| panic!("{name}: nothing mounted at {path}"));
+            volumes[text(mount, &["name"])]
+        };
+        let config_mount = mounts[command.last().unwrap().as_str()];
+        let config_map_name = text(
+            volume_at(command.last().unwrap().as_str()),
+            &["configMap", "name"],
+        );
+        let config_map = config_maps
+            .iter()
+            .find(|map| text(map, &["metadata", "name"]) == config_map_name)
+            .expect("the mounted ConfigMap is defined");
+        let key = text(config_mount, &["subPath"]);
+        let embedded = text(config_map, &["data", key]);
+        let config = VigilConfig::parse(embedded)
+            .unwrap_or_else(|error| panic!("{name}: the ConfigMap's {key}: {error}"));
+        let role = config.cluster.role;
+        assert_eq!(
+            embedded,
+            read(&role_config_file(role)),
+            "{name}: the ConfigMap's {key} differs from {}",
+            role_config_file(role)
+        );
+
+        // Ports: gRPC and HTTP, and MQTT over TLS on the gateways only.
+        let ports: BTreeMap<String, u16> = sequence(container, &["ports"])
+            .iter()
+            .map(|port| {
+                let number = port["containerPort"].as_u64().unwrap() as u16;
+                (text(port, &["name"]).to_owned(), number)
+            })
+            .collect();
+        let mut expected: BTreeSet<u16> =
+            [config.grpc_listen.port(), config.http_listen.port()].into();
+        if role == Role::Gateway {
+            expected.insert(config.ingest.mqtt_tls_listen.port());
+        }
+        assert_eq!(
+            ports.values().copied().collect::<BTreeSet<_>>(),
+            expected,
+            "{name}"
+        );
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let get = &container[probe]["httpGet"];
+            assert_eq!(text(get, &["path"]), "/healthz", "{name}: {probe}");
+            assert_eq!(
+                ports[text(get, &["port"])],
+                config.http_listen.port(),
+                "{name}: {probe}"
+            );
+        }
+        for bound in ["requests", "limits"] {
+            for resource in ["cpu", "memory"] {
+                assert!(
+                    container["resources"][bound][resource].is_string(),
+                    "{name}: no {bound}.{resource}"
+                );
+            }
+        }
+        let annotations = &spec["template"]["metadata"]["annotations"];
+        assert_eq!(
+            text(annotations, &["prometheus.io/scrape"]),
+            "true",
+            "{name}"
+        );
+        assert_eq!(
+            text(annotations, &["prometheus.io/port"]),
+            config.http_listen.port().to_string(),
+            "{name}"
+        );
+        assert_eq!(text(annotations, &["prometheus.io/path"]), "/metrics");
+
+        // The data directory on the pod's own claim, the shared tables on the shared claim.
+        let data_dir = config.data_dir.to_str().unwrap();
+        let data_claim = text(mounts[data_dir], &["name"]);
+        let templates = sequence(spec, &["volumeClaimTemplates"]);
+        let template_names: Vec<&str> = templates
+            .iter()
+            .map(|claim| text(claim, &["metadata", "name"]))
+            .collect();
+        assert_eq!(
+            template_names,
+            [data_claim],
+            "{name}: {data_dir} is not on its claim"
+        );
+        assert_eq!(
+            sequence(&templates[0], &["spec", "accessModes"])[0].as_str(),
+            Some("ReadWriteOnce")
+        );
+        let shared_dir = config.cluster.shared_dir.to_str().unwrap();
+        assert_eq!(
+            text(
+                volume_at(shared_dir),
+                &["persistentVolumeClaim", "claimName"]
+            ),
+            shared_claim_name,
+            "{name}: {shared_dir} is not on the shared claim"
+        );
+
+        // The certificate where the gateway's config looks for it.
+        match (&config.ingest.tls_cert_path, &config.ingest.tls_key_path) {
+            (Some(cert), Some(key)) => {
+                let directory = parent_dir(cert.to_str().unwrap());
+                assert_eq!(parent_dir(key.to_str().unwrap()), directory);
+                assert!(
+                    volume_at(directory.as_str())["secret"]["secretName"].is_string(),
+                    "{name}: the certificate is not a secret"
+                );
+            }
+            _ => assert_ne!(role, Role::Gateway, "{name}: devices need MQTT over TLS"),
+        }
+
+        // The governing service gives each pod a stable name.
+        let governing = text(spec, &["serviceName"]);
+        assert!(
+            services.iter().any(|service| {
+                text(service, &["metadata", "name"]) == governing
+                    && service["spec"]["clusterIP"].as_str() == Some("None")
+                    && selects(&service["spec"]["selector"], pod_labels)
+            }),
+            "{name}: serviceName {governing} is not a headless service of its pods"
+        );
+
+        let pods = RolePods {
+            pod_labels: pod_labels.clone(),
+            ports,
+            config,
+        };
+        assert!(
+            roles.insert(role.as_str(), pods).is_none(),
+            "two StatefulSets run the {} role",
+            role.as_str()
+        );
+    }
+    let role_names: BTreeSet<&str> = roles.keys().copied().collect();
+    assert_eq!(role_names, ROLES.map(Role::as_str).into());
+
+    // No StatefulSet claims another role's pods.
+    for statefulset in &statefulsets {
+        let selector = &statefulset["spec"]["selector"]["matchLabels"];
+        let claimed = roles
+            .values()
+            .filter(|pods| selects(selector, &pods.pod_labels))
+            .count();
+        assert_eq!(claimed, 1, "{}", text(statefulset, &["metadata", "name"]));
+    }
+
+    // Every service reaches the pods of one role, by port names they have.
+    let role_of = |service: &Yaml| -> &str {
+        let name = text(service, &["metadata", "name"]);
+        let selected: Vec<&str> = roles
+            .iter()
+            .filter(|(_, pods)| selects(&service["spec"]["selector"], &pods.pod_labels))
+            .map(|(role, _)| *role)
+            .collect();
+        assert_eq!(selected.len(), 1, "{name} selects {selected:?}");
+        selected[0]
+    };
+    let exposed = |service: &Yaml| -> BTreeSet<u16> {
+        let ports = &roles[role_of(service)].ports;
+        sequence(service, &["spec", "ports"])
+            .iter()
+            .map(|port| {
+                let target = text(port, &["targetPort"]);
+                *ports.get(target).unwrap_or_else(|| {
+                    panic!(
+                        "{}: no port named {target}",
+                        text(service, &["metadata", "name"])
+                    )
+                })
+            })
+            .collect()
+    };
+    let of_type = |service_type: &str| -> Vec<&Yaml> {
+        services
+            .iter()
+            .copied()
+            .filter(|service| service["spec"]["type"].as_str() == Some(service_type))
+            .collect()
+    };
+    for service in &services {
+        exposed(service);
+    }
+
+    // Devices reach the gateways, and only them, through one TCP load balancer that keeps
+    // their own addresses (the login throttle counts failures by them).
+    let balancers = of_type("LoadBalancer");
+    assert_eq!(balancers.len(), 1);
+    let balancer = balancers[0];
+    assert_eq!(role_of(balancer), Role::Gateway.as_str());
+    assert_eq!(text(balancer, &["spec", "externalTrafficPolicy"]), "Local");
+    let gateway = &roles[Role::Gateway.as_str()].config;
+    assert_eq!(
+        exposed(balancer),
+        [gateway.ingest.mqtt_tls_listen.port()].into()
+    );
+
+    // gRPC and HTTP of every role inside the cluster.
+    for (role, pods) in &roles {
+        let inside: BTreeSet<u16> = of_type("ClusterIP")
+            .into_iter()
+            .filter(|service| role_of(service) == *role)
+            .flat_map(&exposed)
+            .collect();
+        assert_eq!(
+            inside,
+            [
+                pods.config.grpc_listen.port(),
+                pods.config.http_listen.port()
+            ]
+            .into(),
+            "{role}"
+        );
+    }
+
+    // Kafka comes with the cluster: nothing here is named like the brokers.
+    let brokers = cluster_brokers();
+    for broker in brokers.split(',') {
+        let (host, _) = host_and_port(broker);
+        assert!(
+            !objects
+                .iter()
+                .any(|object| object["metadata"]["name"].as_str() == Some(host.as_str())),
+            "{host} is defined here; Kafka is the cluster's own"
+        );
+    }
+
+    // Every store and detect worker can own a partition.
+    for role in [Role::Store, Role::Detect] {
+        let config = &roles[role.as_str()].config;
+        let replicas = statefulsets
+            .iter()
+            .find(|statefulset| {
+                selects(
+                    &statefulset["spec"]["selector"]["matchLabels"],
+                    &roles[role.as_str()].pod_labels,
+                )
+            })
+            .and_then(|statefulset| statefulset["spec"]["replicas"].as_u64())
+            .unwrap();
+        assert!(
+            config.cluster.partitions as u64 >= replicas,
+            "{}",
+            role.as_str()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // systemd.
 
 /// `key → values` of one section of a unit file (keys may repeat).
@@ -1333,9 +2103,15 @@ fn the_systemd_unit_is_hardened_and_holds_the_fleet_s_connections() {
 #[test]
 fn promtool_accepts_the_prometheus_config_and_rules_when_installed() {
     let config = repo_path("deploy/prometheus/prometheus.yml");
+    let cluster_config = repo_path("deploy/prometheus/prometheus-cluster.yml");
     let rules = repo_path("deploy/prometheus/vigil-rules.yml");
     for args in [
         vec!["check".as_ref(), "config".as_ref(), config.as_os_str()],
+        vec![
+            "check".as_ref(),
+            "config".as_ref(),
+            cluster_config.as_os_str(),
+        ],
         vec!["check".as_ref(), "rules".as_ref(), rules.as_os_str()],
     ] {
         match Command::new("promtool").args(&args).output() {

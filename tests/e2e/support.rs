@@ -39,6 +39,8 @@ pub struct Server {
     /// `RUST_LOG` of the server process.
     pub log_filter: String,
     extra_args: Vec<String>,
+    /// Whether the process listens for MQTT (not a cluster's store or detect worker).
+    serves_mqtt: bool,
     /// Where the server runs and what `--data-dir` says, when the directory is given relative
     /// to it.
     relative: Option<(PathBuf, PathBuf)>,
@@ -98,8 +100,18 @@ impl Server {
             grpc_ca: None,
             log_filter: "info".to_owned(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            serves_mqtt: true,
             relative: None,
         }
+    }
+
+    /// Starts a process that serves no MQTT (a cluster's store or detect worker, given its
+    /// `--role` in `extra_args`); ready once its HTTP port answers.
+    pub fn start_worker(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted(data_dir, extra_args);
+        server.serves_mqtt = false;
+        server.spawn();
+        server
     }
 
     /// Starts in `working_dir` with `--data-dir` relative to it, as an operator would with the
@@ -187,7 +199,7 @@ impl Server {
                 panic!("server exited with {status} during start-up:\n{log}");
             }
             let http_up = http_get(self.http, "/healthz").is_some_and(|body| body.contains("ok"));
-            if http_up && TcpStream::connect(self.mqtt).is_ok() {
+            if http_up && (!self.serves_mqtt || TcpStream::connect(self.mqtt).is_ok()) {
                 return;
             }
             assert!(
