@@ -129,7 +129,11 @@ impl RunningServer {
                 ReadingPublisher::start(&config.cluster, log, cluster_metrics.clone())
                     .context("cannot start the Kafka publisher")?,
             );
-            (wal, vigil_store::RecoveredState::default())
+            let recovered = vigil_store::RecoveredState {
+                partial: true,
+                ..vigil_store::RecoveredState::default()
+            };
+            (wal, recovered)
         } else {
             (store.wal_sender(), recovered)
         };

@@ -32,6 +32,9 @@ pub enum SeqCheck {
 pub struct ReplayGuard {
     devices: HashMap<Arc<str>, SeqState>,
     max_seq_jump: u64,
+    /// A device this guard has no state for takes its first seq as its baseline (its stored
+    /// readings are not known here).
+    unknown_baseline: bool,
 }
 
 impl ReplayGuard {
@@ -39,7 +42,16 @@ impl ReplayGuard {
         Self {
             devices: HashMap::new(),
             max_seq_jump,
+            unknown_baseline: false,
         }
+    }
+
+    /// A guard that does not know every stored reading (a cluster gateway: the store workers
+    /// do, and drop seqs already stored): a device it has no state for starts from the first
+    /// seq it sends, without the jump check.
+    pub fn with_unknown_baseline(mut self) -> Self {
+        self.unknown_baseline = true;
+        self
     }
 
     /// Restores one device's state from the store.
@@ -64,13 +76,19 @@ impl ReplayGuard {
     pub fn check(&mut self, device_id: &Arc<str>, seq: u64, digest: [u8; 16]) -> SeqCheck {
         let state = match self.devices.get_mut(device_id) {
             Some(state) => state,
-            None => self
-                .devices
-                .entry(device_id.clone())
-                .or_insert_with(|| SeqState {
-                    highest_seq: 0,
-                    recent: VecDeque::new(),
-                }),
+            None => {
+                let highest_seq = if self.unknown_baseline {
+                    seq.saturating_sub(1)
+                } else {
+                    0
+                };
+                self.devices
+                    .entry(device_id.clone())
+                    .or_insert_with(|| SeqState {
+                        highest_seq,
+                        recent: VecDeque::new(),
+                    })
+            }
         };
 
         if seq <= state.highest_seq {
@@ -128,6 +146,22 @@ mod tests {
         let id: Arc<str> = Arc::from("d");
         assert_eq!(guard.check(&id, u64::MAX, [1; 16]), SeqCheck::JumpTooFar);
         assert_eq!(guard.check(&id, 10, [1; 16]), SeqCheck::New { gap: 9 });
+    }
+
+    #[test]
+    fn a_guard_without_the_stored_readings_takes_a_devices_first_seq_as_its_baseline() {
+        let mut guard = ReplayGuard::new(10).with_unknown_baseline();
+        let id: Arc<str> = Arc::from("d");
+        assert_eq!(
+            guard.check(&id, 5_000_000, [1; 16]),
+            SeqCheck::New { gap: 0 }
+        );
+        assert_eq!(guard.check(&id, 5_000_000, [1; 16]), SeqCheck::Resend);
+        assert_eq!(guard.check(&id, 5_000_100, [2; 16]), SeqCheck::JumpTooFar);
+        assert_eq!(
+            guard.check(&id, 5_000_001, [3; 16]),
+            SeqCheck::New { gap: 0 }
+        );
     }
 
     #[test]

@@ -83,7 +83,14 @@ impl VerifierPool {
         let hasher = std::collections::hash_map::RandomState::new();
 
         let mut guards: Vec<ReplayGuard> = (0..threads)
-            .map(|_| ReplayGuard::new(settings.max_seq_jump))
+            .map(|_| {
+                let guard = ReplayGuard::new(settings.max_seq_jump);
+                if recovered.partial {
+                    guard.with_unknown_baseline()
+                } else {
+                    guard
+                }
+            })
             .collect();
         for (device_id, state) in recovered.devices {
             let shard = shard_of(&hasher, &device_id, threads);

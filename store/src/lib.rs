@@ -156,6 +156,10 @@ pub struct RecoveredState {
     pub replayed_entries: u64,
     /// Readings among them.
     pub replayed_readings: u64,
+    /// `devices` does not cover every stored reading: the readings are stored elsewhere (a
+    /// cluster gateway), so a device's first seq seen is taken as its baseline rather than
+    /// measured against the largest allowed jump.
+    pub partial: bool,
 }
 
 /// State shared by the store handle, the writer, the flusher and the table providers.
@@ -338,6 +342,7 @@ impl Store {
             devices: guard.devices.clone(),
             replayed_entries: summary.records,
             replayed_readings,
+            partial: false,
         };
         tracing::info!(
             data_dir = %data_dir.display(),

@@ -240,6 +240,44 @@ async fn a_cluster_stores_every_acknowledged_reading_once_and_cuts_off_on_every_
         );
     }
 
+    // A device that moves to the other gateway and sends its last readings again (it never
+    // saw their PUBACKs, say) gets them acknowledged there, and they are stored once.
+    let mover = &devices[0];
+    let highest = *acked[&mover.id].iter().max().unwrap();
+    let mut connection = V3Device::connect(mover, gateway_b.mqtt).await.unwrap();
+    let payloads = (highest - 2..=highest + 3)
+        .map(|seq| mover.payload(seq))
+        .collect();
+    connection
+        .publish_all(&mover.topic(), payloads)
+        .await
+        .unwrap();
+    let moved_rows = format!(
+        "SELECT count(*) FROM readings WHERE device_id = '{}' AND seq BETWEEN {} AND {}",
+        mover.id,
+        highest - 2,
+        highest + 3
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the moved device's readings stored",
+        || {
+            let (gateway, query) = (&gateway_a, &moved_rows);
+            async move { gateway.sql_count(query).await >= 6 * MEASUREMENTS }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gateway_a.sql_count(&moved_rows).await, 6 * MEASUREMENTS);
+    let dropped: f64 = store_workers
+        .iter()
+        .map(|worker| worker.metric("vigil_cluster_duplicates_dropped_total"))
+        .sum();
+    assert!(
+        dropped >= 3.0,
+        "{dropped} re-sent seqs dropped by the store workers"
+    );
+
     // A quarantine through gateway a cuts off a device connected to gateway b within a second,
     // and both refuse its logins; a release through gateway b restores them on both.
     let mut connection = V3Device::connect(&isolated, gateway_b.mqtt).await.unwrap();
