@@ -233,7 +233,11 @@ impl StatusTarget for DetectStatusTarget {
     }
 
     fn apply_status(&self, device_id: &str, status: DeviceStatus) {
-        if let Err(error) = self.registry.set_status(device_id, status) {
+        // Suspicion never lifts a quarantine, as in one process.
+        let recorded = self.registry.set_status_if(device_id, status, |current| {
+            status != DeviceStatus::Suspect || current != DeviceStatus::Quarantined
+        });
+        if let Err(error) = recorded {
             tracing::error!(device_id, %error, "cannot record a device's status");
             return;
         }

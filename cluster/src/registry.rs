@@ -8,8 +8,10 @@
 //!   every device, so a node that starts reads the whole registry, quarantines included,
 //!   before it publishes anything of its own (a node that was down must not bring back a
 //!   status that changed while it was away).
-//! - A record carries the time of its status change; a node applies a remote status only if
-//!   it is newer than its own, so the last decision wins everywhere.
+//! - A record carries the time of its status change where it was decided; a node applies a
+//!   remote status unless it is older than the last record it published or applied for the
+//!   device, so the last decision wins everywhere. A starting node applies only each
+//!   device's latest record.
 //! - A node never publishes back what it applied from the topic (no echo), only changes made
 //!   locally.
 
@@ -29,6 +31,11 @@ use vigil_ingest::registry::{DeviceRegistry, DeviceStatus, Enrollment};
 
 use crate::metrics::ClusterMetrics;
 use crate::{ClusterConfig, Error, Result, Topics, client_config, kafka};
+
+/// Per device, the status this node last published or applied, with the time the cluster's
+/// record gives for it: a local change is a status that differs from it, and a remote record
+/// older than it is stale.
+type Known = Mutex<HashMap<String, (DeviceStatus, i64)>>;
 
 /// Longest a starting node waits to read the devices topic to its end before publishing.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,9 +119,7 @@ impl RegistryReplication {
             .create()
             .map_err(kafka("devices producer"))?;
 
-        // What this node last published or applied, per device: a local change is a status
-        // that differs from it.
-        let known: Arc<Mutex<HashMap<String, DeviceStatus>>> = Arc::default();
+        let known: Arc<Known> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
 
         // Catch up before anything is published.
@@ -124,11 +129,19 @@ impl RegistryReplication {
             .1;
         let started = Instant::now();
         let mut position = 0;
+        // Only each device's latest record counts (an uncompacted topic holds them all), so
+        // that a starting node never passes through a status the cluster has left behind.
+        let mut latest: HashMap<String, DeviceRecord> = HashMap::new();
         while position < end && started.elapsed() < CATCH_UP_TIMEOUT {
             if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
                 position = message.offset() + 1;
-                apply(&message, target.as_ref(), &known, &metrics);
+                if let Some(record) = decode(&message, &metrics) {
+                    latest.insert(record.device_id.clone(), record);
+                }
             }
+        }
+        for record in latest.into_values() {
+            apply(record, target.as_ref(), &known, &metrics);
         }
         if position < end {
             tracing::warn!(
@@ -152,7 +165,9 @@ impl RegistryReplication {
                     while !stop.load(Ordering::Acquire) {
                         match consumer.poll(Duration::from_millis(100)) {
                             Some(Ok(message)) => {
-                                apply(&message, target.as_ref(), &known, &metrics);
+                                if let Some(record) = decode(&message, &metrics) {
+                                    apply(record, target.as_ref(), &known, &metrics);
+                                }
                             }
                             Some(Err(error)) => {
                                 tracing::warn!(%error, "devices topic");
@@ -208,14 +223,17 @@ fn publish_changes(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     target: &dyn StatusTarget,
-    known: &Mutex<HashMap<String, DeviceStatus>>,
+    known: &Known,
     metrics: &ClusterMetrics,
 ) {
     let devices = target.registry().list();
     let mut known = known.lock();
     for device in devices {
         let status = device.status();
-        if known.get(device.id.as_ref()) == Some(&status) {
+        if known
+            .get(device.id.as_ref())
+            .is_some_and(|(known_status, _)| *known_status == status)
+        {
             continue;
         }
         let record = DeviceRecord {
@@ -235,7 +253,7 @@ fn publish_changes(
         );
         match sent {
             Ok(()) => {
-                known.insert(record.device_id, status);
+                known.insert(record.device_id, (status, record.status_changed_at_ms));
                 metrics.registry_published.inc();
             }
             // Tried again next round.
@@ -244,26 +262,26 @@ fn publish_changes(
     }
 }
 
-/// Applies one record of the devices topic.
-fn apply(
+/// One record of the devices topic; `None` (counted) when it does not decode.
+fn decode(
     message: &rdkafka::message::BorrowedMessage<'_>,
-    target: &dyn StatusTarget,
-    known: &Mutex<HashMap<String, DeviceStatus>>,
     metrics: &ClusterMetrics,
-) {
-    let Some(payload) = message.payload() else {
-        return;
-    };
-    let record: DeviceRecord = match serde_json::from_slice(payload) {
-        Ok(record) => record,
+) -> Option<DeviceRecord> {
+    match serde_json::from_slice(message.payload()?) {
+        Ok(record) => Some(record),
         Err(error) => {
             metrics.undecodable_records.inc();
             tracing::warn!(%error, offset = message.offset(), "undecodable device record");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Applies one record of the devices topic.
+fn apply(record: DeviceRecord, target: &dyn StatusTarget, known: &Known, metrics: &ClusterMetrics) {
     let registry = target.registry();
     let mut known = known.lock();
+    let stamped = (record.status, record.status_changed_at_ms);
     let local = match registry.get(&record.device_id) {
         Some(local) => local,
         None => {
@@ -280,25 +298,26 @@ fn apply(
             let Some(local) = registry.get(&record.device_id) else {
                 return;
             };
-            // A device new here takes the cluster's status whatever the clocks say.
-            known.insert(record.device_id.clone(), record.status);
+            known.insert(record.device_id.clone(), stamped);
             if local.status() != record.status {
                 target.apply_status(&record.device_id, record.status);
             }
             return;
         }
     };
+    let last = known.get(&record.device_id).copied();
     if local.status() == record.status {
-        known.insert(record.device_id, record.status);
+        let newest = last.map_or(stamped.1, |(_, at)| at.max(stamped.1));
+        known.insert(record.device_id, (record.status, newest));
         return;
     }
-    if record.status_changed_at_ms < local.status_changed_at_ms() {
-        // Older than what this node has: its own newer record is (or will be) published.
+    if last.is_some_and(|(_, at)| record.status_changed_at_ms < at) {
+        // Older than what this node last published or applied.
         return;
     }
     // Under the same lock as `known`, so the publisher never sees the old status as a
     // local change.
-    known.insert(record.device_id.clone(), record.status);
+    known.insert(record.device_id.clone(), stamped);
     target.apply_status(&record.device_id, record.status);
     metrics.registry_applied.inc();
     tracing::info!(
@@ -306,4 +325,67 @@ fn apply(
         status = record.status.as_str(),
         "device status from the cluster"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: DeviceStatus, at_ms: i64) -> DeviceRecord {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        DeviceRecord {
+            device_id: "pump-7".to_owned(),
+            public_key_hex: hex::encode(key.as_bytes()),
+            class: "infusion_pump".to_owned(),
+            status,
+            status_changed_at_ms: at_ms,
+        }
+    }
+
+    #[test]
+    fn the_latest_decision_wins_and_stale_records_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(DeviceRegistry::open(dir.path()).unwrap());
+        let target = RegistryOnly(registry.clone());
+        let (known, metrics) = (Known::default(), ClusterMetrics::default());
+        let status = || registry.get("pump-7").unwrap().status();
+
+        // Learnt from the topic long after the enrollment: the later quarantine still applies,
+        // whatever this node's clock said when it enrolled the device.
+        apply(
+            record(DeviceStatus::Active, 1_000),
+            &target,
+            &known,
+            &metrics,
+        );
+        assert_eq!(
+            registry.get("pump-7").unwrap().class.as_ref(),
+            "infusion_pump"
+        );
+        apply(
+            record(DeviceStatus::Quarantined, 3_000),
+            &target,
+            &known,
+            &metrics,
+        );
+        assert_eq!(status(), DeviceStatus::Quarantined);
+        // A release decided before that quarantine arrives late: stale.
+        apply(
+            record(DeviceStatus::Active, 2_000),
+            &target,
+            &known,
+            &metrics,
+        );
+        assert_eq!(status(), DeviceStatus::Quarantined);
+        apply(
+            record(DeviceStatus::Active, 4_000),
+            &target,
+            &known,
+            &metrics,
+        );
+        assert_eq!(status(), DeviceStatus::Active);
+        // What was applied is not a local change: nothing to publish back.
+        let known = known.lock();
+        assert_eq!(known.get("pump-7"), Some(&(DeviceStatus::Active, 4_000)));
+    }
 }

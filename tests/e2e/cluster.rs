@@ -290,16 +290,24 @@ async fn a_cluster_stores_every_acknowledged_reading_once_and_cuts_off_on_every_
     let cut_off_after = decided.elapsed();
     assert!(login_refused(&isolated, &gateway_b).await);
     assert!(login_refused(&isolated, &gateway_a).await);
+    // A gateway started now learns the quarantine list (and the devices) before it serves.
+    let gateway_c = node("gateway-c", "gateway");
+    assert!(login_refused(&isolated, &gateway_c).await);
     eprintln!(
         "cluster test: quarantine on gateway a closed the session on gateway b after {cut_off_after:?}"
     );
     gateway_b.cli(&["devices", "release", &isolated.id]);
-    eventually(Duration::from_secs(10), "release reaches gateway a", || {
-        let isolated = &isolated;
-        let gateway = &gateway_a;
-        async move { V3Device::connect(isolated, gateway.mqtt).await.is_ok() }
-    })
-    .await;
+    for (name, gateway) in [("a", &gateway_a), ("c", &gateway_c)] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("release reaches gateway {name}"),
+            || {
+                let isolated = &isolated;
+                async move { V3Device::connect(isolated, gateway.mqtt).await.is_ok() }
+            },
+        )
+        .await;
+    }
 
     // A device whose key signs a forgery inside its session is refused by the gateway; the
     // detect worker that owns the device sees the event and alerts the SOC.
