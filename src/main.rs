@@ -319,7 +319,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         shutdown_signal().await;
         tracing::info!("shutting down");
-        worker.stop().await;
+        bounded_stop(worker.stop()).await;
         return Ok(());
     }
 
@@ -334,8 +334,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down");
-    server.stop().await;
+    if role == vigil_config::Role::All {
+        // The store's last sync must finish, however long the disk takes.
+        server.stop().await;
+    } else {
+        bounded_stop(server.stop()).await;
+    }
     Ok(())
+}
+
+/// Longest a cluster node takes to stop before it exits anyway.
+const CLUSTER_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops a cluster node within [`CLUSTER_STOP_LIMIT`]. With Kafka unreachable, librdkafka's
+/// consumers can wait for ever to leave their group; nothing is lost by exiting then: a store
+/// worker's unflushed records stay in Kafka, and a gateway acknowledged nothing Kafka lacks.
+async fn bounded_stop(stop: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(CLUSTER_STOP_LIMIT, stop)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            limit_s = CLUSTER_STOP_LIMIT.as_secs(),
+            "not stopped in time (is Kafka reachable?); exiting now"
+        );
+        std::process::exit(1);
+    }
 }
 
 /// What every cluster role needs first: the data and shared directories as absolute paths
