@@ -30,7 +30,7 @@ use crate::auth::{AuthLayer, Authenticator};
 use crate::config::{ServerConfig as _, VigilConfig};
 use crate::metrics::AccessMetrics;
 use crate::server::{
-    alerts_batch, devices_batch, retrain_fleet_model, start_detector, wait_for_stop,
+    alerts_batch, devices_batch, retrain_fleet_model, spawn_http, start_detector, wait_for_stop,
 };
 use crate::tokens::TokenStore;
 
@@ -177,18 +177,12 @@ impl RunningWorker {
             }
         });
         let metrics_authenticator = config.metrics_require_token.then(|| auth.clone());
-        tasks.push(tokio::spawn(async move {
-            let served = crate::http::serve(
-                http_listener,
-                Arc::new(metrics),
-                metrics_authenticator,
-                wait_for_stop(stopped),
-            )
-            .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "http listener failed");
-            }
-        }));
+        tasks.push(spawn_http(
+            http_listener,
+            metrics,
+            metrics_authenticator,
+            stopped,
+        ));
         worker.tasks = tasks;
         Ok(worker)
     }

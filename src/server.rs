@@ -219,27 +219,22 @@ impl RunningServer {
                 tokio::spawn(grpc_services.serve(incoming, wait_for_stop(stopped.clone())))
             }
         };
-        let retrain = tokio::spawn(retrain_fleet_model(
-            store.clone(),
-            detector.clone(),
-            config.detect.fleet.clone(),
-            wait_for_stop(stopped.clone()),
-        ));
-        if gateway {
-            retrain.abort();
+        let mut tasks = vec![grpc];
+        // A gateway's detector sees nothing, so it has no model to train.
+        if !gateway {
+            tasks.push(tokio::spawn(retrain_fleet_model(
+                store.clone(),
+                detector.clone(),
+                config.detect.fleet.clone(),
+                wait_for_stop(stopped.clone()),
+            )));
         }
-        let http = tokio::spawn(async move {
-            let served = crate::http::serve(
-                http_listener,
-                Arc::new(metrics),
-                metrics_authenticator,
-                wait_for_stop(stopped),
-            )
-            .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "http listener failed");
-            }
-        });
+        tasks.push(spawn_http(
+            http_listener,
+            metrics,
+            metrics_authenticator,
+            stopped,
+        ));
         tracing::info!(
             %grpc_address,
             grpc_tls = config.grpc_tls_cert_path.is_some(),
@@ -255,7 +250,7 @@ impl RunningServer {
             grpc_address,
             http_address,
             stop,
-            tasks: vec![grpc, http, retrain],
+            tasks,
             cluster,
         })
     }
@@ -274,6 +269,27 @@ impl RunningServer {
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         tracing::info!("server stopped");
     }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `stopped` says stop.
+pub(crate) fn spawn_http(
+    listener: TcpListener,
+    metrics: Registry,
+    authenticator: Option<Arc<Authenticator>>,
+    stopped: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = crate::http::serve(
+            listener,
+            Arc::new(metrics),
+            authenticator,
+            wait_for_stop(stopped),
+        )
+        .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "http listener failed");
+        }
+    })
 }
 
 pub(crate) async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {

@@ -21,7 +21,7 @@ use vigil_store::WalEntry;
 
 use crate::metrics::ClusterMetrics;
 use crate::publisher::EventRecord;
-use crate::{ClusterConfig, Result, StageThread, Topics, client_config, kafka};
+use crate::{ClusterConfig, Result, StageThread, Topics, group_member_config, kafka};
 
 struct FeedContext {
     topic: String,
@@ -56,13 +56,9 @@ impl DetectFeed {
         metrics: ClusterMetrics,
     ) -> Result<Self> {
         let topics = Topics::new(&config.topic_prefix);
-        let consumer: BaseConsumer<FeedContext> = client_config(config)
-            .set("group.id", &topics.detect_group)
+        let consumer: BaseConsumer<FeedContext> = group_member_config(config, &topics.detect_group)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
             .create_with_context(FeedContext {
                 topic: topics.readings.clone(),
                 metrics: metrics.clone(),

@@ -103,6 +103,18 @@ pub fn client_config(config: &ClusterConfig) -> ClientConfig {
     client
 }
 
+/// Settings of a consumer in one of the workers' groups: from the start of a topic the group
+/// has never read, and a member that stops heartbeating for 10 s loses its partitions.
+pub(crate) fn group_member_config(config: &ClusterConfig, group: &str) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    client
+}
+
 /// Creates the topics that are missing: readings and events with `partitions` partitions,
 /// devices with one, compacted, so that it keeps the last record of every device for ever.
 /// Topics that exist are left as they are (an operator may have made them with more

@@ -22,8 +22,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 use vigil_detect::events::{EventKind, Observation, ObservationReceiver, SecurityEvent};
-use vigil_store::shared::{ExternalLog, LogEntry, truncate_rejection};
-use vigil_store::{Completion, StoreError, WalEntry};
+use vigil_store::shared::{ExternalLog, LogEntry};
+use vigil_store::{Completion, StoreError, WalEntry, truncate_rejection};
 
 use crate::metrics::ClusterMetrics;
 use crate::{ClusterConfig, Result, StageThread, Topics, client_config, kafka};

@@ -58,22 +58,6 @@ pub trait StatusTarget: Send + Sync + 'static {
     fn apply_status(&self, device_id: &str, status: DeviceStatus);
 }
 
-/// A node that only keeps the registry (a detect worker: it needs classes and statuses).
-#[derive(Debug)]
-pub struct RegistryOnly(pub Arc<DeviceRegistry>);
-
-impl StatusTarget for RegistryOnly {
-    fn registry(&self) -> &DeviceRegistry {
-        &self.0
-    }
-
-    fn apply_status(&self, device_id: &str, status: DeviceStatus) {
-        if let Err(error) = self.0.set_status(device_id, status) {
-            tracing::error!(device_id, %error, "cannot record a device's status");
-        }
-    }
-}
-
 /// The running follower and publisher threads.
 #[derive(Debug)]
 pub struct RegistryReplication {
@@ -330,6 +314,19 @@ fn apply(record: DeviceRecord, target: &dyn StatusTarget, known: &Known, metrics
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that only keeps the registry.
+    struct RegistryOnly(Arc<DeviceRegistry>);
+
+    impl StatusTarget for RegistryOnly {
+        fn registry(&self) -> &DeviceRegistry {
+            &self.0
+        }
+
+        fn apply_status(&self, device_id: &str, status: DeviceStatus) {
+            self.0.set_status(device_id, status).unwrap();
+        }
+    }
 
     fn record(status: DeviceStatus, at_ms: i64) -> DeviceRecord {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();

@@ -32,11 +32,11 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use vigil_store::shared::{rejections_batch, write_parquet_file};
-use vigil_store::{AcceptedReading, Rejection, WalEntry, readings_batch};
+use vigil_store::shared::write_parquet_file;
+use vigil_store::{AcceptedReading, Rejection, WalEntry, readings_batch, rejections_batch};
 
 use crate::metrics::ClusterMetrics;
-use crate::{ClusterConfig, Error, Result, StageThread, Topics, client_config, kafka};
+use crate::{ClusterConfig, Error, Result, StageThread, Topics, group_member_config, kafka};
 
 /// What a worker holds for one partition it owns.
 #[derive(Debug, Default)]
@@ -146,14 +146,11 @@ impl StoreWorker {
             topic: topics.readings.clone(),
             metrics: metrics.clone(),
         };
-        let consumer: BaseConsumer<WorkerContext> = client_config(config)
-            .set("group.id", &topics.store_group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .create_with_context(context)
-            .map_err(kafka("store consumer"))?;
+        let consumer: BaseConsumer<WorkerContext> =
+            group_member_config(config, &topics.store_group)
+                .set("enable.auto.commit", "false")
+                .create_with_context(context)
+                .map_err(kafka("store consumer"))?;
         consumer
             .subscribe(&[&topics.readings])
             .map_err(kafka("subscribe to readings"))?;

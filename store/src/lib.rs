@@ -36,7 +36,7 @@ mod writer;
 pub use error::{Result, StoreError};
 pub use flight::flight_sql_service;
 pub use flush::parquet_properties;
-pub use tables::readings_batch;
+pub use tables::{readings_batch, rejections_batch, truncate_rejection};
 
 use guard::{GuardState, Snapshot};
 use metrics::Metrics;

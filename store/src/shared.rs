@@ -11,7 +11,7 @@
 //!   complete and fsynced (temporary name, fsync, rename, fsync of the directory): a reader
 //!   listing `*.parquet` never sees half a file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,9 +21,8 @@ use parking_lot::Mutex;
 
 use crate::error::Result;
 use crate::guard::GuardState;
-use crate::tables::{REJECTION_DETAIL_CHARS, REJECTION_DEVICE_ID_CHARS, truncate_chars};
 use crate::writer::Command;
-use crate::{Completion, Rejection, WalEntry, WalSender};
+use crate::{Completion, WalEntry, WalSender};
 
 /// The receiving end of a [`WalSender`] whose entries another system makes durable.
 pub struct ExternalLog {
@@ -114,24 +113,6 @@ impl ExternalLog {
     pub fn record_failure(&self) {
         self.failed_groups.fetch_add(1, Ordering::AcqRel);
     }
-}
-
-/// The directory of a table under a shared tables directory.
-pub fn shared_table_dir(shared_dir: &Path, table: &str) -> PathBuf {
-    shared_dir.join(table)
-}
-
-/// Cuts a rejection's attacker-supplied fields to what the `rejections` table keeps.
-pub fn truncate_rejection(rejection: &mut Rejection) {
-    truncate_chars(&mut rejection.device_id, REJECTION_DEVICE_ID_CHARS);
-    truncate_chars(&mut rejection.detail, REJECTION_DETAIL_CHARS);
-}
-
-/// The rows of `rejections` for these (already truncated) rejections.
-pub fn rejections_batch<'a>(
-    rejections: impl IntoIterator<Item = &'a Rejection>,
-) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
-    crate::tables::rejections_batch(rejections)
 }
 
 /// Writes `batch` to `dir/name` atomically and durably (see the module's invariants);

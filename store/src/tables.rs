@@ -180,8 +180,14 @@ pub fn readings_batch<'a>(
     RecordBatch::try_new(READINGS_SCHEMA.clone(), columns)
 }
 
-/// One row per rejection; fields must already be truncated.
-pub(crate) fn rejections_batch<'a>(
+/// Cuts a rejection's attacker-supplied fields to what the `rejections` table keeps.
+pub fn truncate_rejection(rejection: &mut Rejection) {
+    truncate_chars(&mut rejection.device_id, REJECTION_DEVICE_ID_CHARS);
+    truncate_chars(&mut rejection.detail, REJECTION_DETAIL_CHARS);
+}
+
+/// One row per rejection; fields must already be truncated ([`truncate_rejection`]).
+pub fn rejections_batch<'a>(
     rejections: impl IntoIterator<Item = &'a Rejection>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let mut device_id = StringBuilder::new();

@@ -28,10 +28,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Result, StoreError};
 use crate::guard::GuardState;
 use crate::metrics::Metrics;
-use crate::tables::{
-    Catalog, REJECTION_DETAIL_CHARS, REJECTION_DEVICE_ID_CHARS, TableKind, readings_batch,
-    rejections_batch, truncate_chars,
-};
+use crate::tables::{Catalog, TableKind, readings_batch, rejections_batch, truncate_rejection};
 use crate::wal::{SegmentWriter, encode_entry};
 use crate::{Completion, WalEntry};
 
@@ -142,8 +139,7 @@ impl Writer {
         buffer.clear();
         for (entry, _) in group.iter_mut() {
             if let WalEntry::Rejection(rejection) = entry {
-                truncate_chars(&mut rejection.device_id, REJECTION_DEVICE_ID_CHARS);
-                truncate_chars(&mut rejection.detail, REJECTION_DETAIL_CHARS);
+                truncate_rejection(rejection);
             }
             encode_entry(buffer, entry);
         }
